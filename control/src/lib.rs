@@ -1,0 +1,6 @@
+//! warren's control plane: CLI, TOML config, TLS setup, session handshakes and placement,
+//! signals, and the in-process `demo`. It never sits on the per-byte path: once a session is
+//! authenticated it is handed to a shard of the data plane.
+
+pub mod config;
+pub mod tls;
