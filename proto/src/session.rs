@@ -1,0 +1,1439 @@
+//! One session and all of its streams, as a deterministic state machine.
+//!
+//! Input: [`Session::handle_input`] (bytes read from the session socket), [`Session::handle_timeout`],
+//! and the stream calls a driver makes on behalf of local sockets ([`Session::stream_write`],
+//! [`Session::stream_read`], [`Session::stream_finish`], [`Session::stream_reset`],
+//! [`Session::open_stream`]). Output: [`Session::poll_transmit`] (bytes to write to the session
+//! socket), [`Session::poll_event`] and [`Session::poll_timeout`]. The caller owns every clock
+//! read and every socket.
+//!
+//! Flow control: each stream has a receive window granted to the peer as credit; credit comes
+//! back only when the driver *consumes* bytes through [`Session::stream_read`], so a stalled local
+//! consumer stalls only its own stream. A per-session budget bounds the bytes buffered across all
+//! streams. The session socket is therefore always readable without unbounded buffering: the peer
+//! cannot send more than it was granted, and sending more is a flow-control error.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{
+    data_header, is_valid_name, Frame, FrameError, GoAwayCode, ResetCode, StreamId, HEADER_LEN,
+};
+use crate::handshake::PeerParams;
+
+/// Which end of the session this is. Decides stream id parity: the server opens odd ids, the
+/// client even ones, so both can open streams without coordination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The public relay.
+    Server,
+    /// The agent behind NAT.
+    Client,
+}
+
+/// Everything a session needs to know, fixed at creation (after the handshake).
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Our end.
+    pub role: Role,
+    /// What we advertised we will receive (our windows, frame size, stream limit).
+    pub local: PeerParams,
+    /// What the peer advertised it will receive.
+    pub peer: PeerParams,
+    /// Ceiling for auto-tuned per-stream receive windows.
+    pub max_stream_window: u32,
+    /// Bytes one stream may send before the scheduler moves to the next ready stream.
+    pub quantum: u32,
+    /// Bytes a stream may hold queued in userspace for sending (beyond that the driver stops
+    /// reading its local socket; the kernel buffers the rest).
+    pub stream_send_buffer: u32,
+    /// A PING is sent after this much time without one.
+    pub keepalive_interval: Duration,
+    /// The session ends if nothing at all was received for this long.
+    pub idle_timeout: Duration,
+}
+
+/// Something the driver should react to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The peer opened a stream. The driver connects it to `service` (or resets it).
+    StreamOpened {
+        /// The new stream.
+        id: StreamId,
+        /// Which service the visitor wants.
+        service: String,
+        /// Who the visitor is, when the server knows.
+        visitor: Option<SocketAddr>,
+    },
+    /// Data or FIN is waiting in [`Session::stream_read`].
+    StreamReadable(StreamId),
+    /// [`Session::stream_send_capacity`] went from 0 to more than 0.
+    StreamWritable(StreamId),
+    /// The stream is gone (reset by the peer, or the session ended). The driver closes its socket.
+    StreamReset {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        code: ResetCode,
+    },
+    /// The peer will accept no new streams.
+    GoAway {
+        /// Why.
+        code: GoAwayCode,
+        /// The peer's words.
+        reason: String,
+    },
+}
+
+/// What [`Session::stream_read`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readable {
+    /// Bytes for the local socket. Credit for them has been (or will be) returned to the peer.
+    Data(Bytes),
+    /// The peer half-closed; shut down the local socket's write side.
+    Fin,
+    /// Nothing yet; an [`Event::StreamReadable`] will follow.
+    Pending,
+    /// The stream does not exist (any more): it was reset or has completed.
+    Gone,
+}
+
+/// Why a session ended. Every variant says whose fault it was through [`SessionError::is_peer_fault`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The peer sent a frame we cannot accept.
+    #[error("peer sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer broke a protocol rule about stream ids or ordering.
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    /// The peer sent more than the credit it was granted.
+    #[error("peer exceeded its flow-control credit on {scope} ({sent} bytes over)")]
+    FlowControl {
+        /// "stream N" or "the session".
+        scope: String,
+        /// How far over.
+        sent: u64,
+    },
+    /// Nothing was received within the idle timeout.
+    #[error("nothing received from the peer for {idle_ms} ms")]
+    IdleTimeout {
+        /// The configured timeout.
+        idle_ms: u64,
+    },
+    /// The peer queued more control work than we are willing to buffer (it is not reading).
+    #[error("peer caused more than {limit} bytes of queued control frames without reading them")]
+    ControlFlood {
+        /// The limit.
+        limit: usize,
+    },
+    /// The peer sent GOAWAY with an error code.
+    #[error("peer closed the session: {code}: {reason}")]
+    PeerGoAway {
+        /// Its code.
+        code: GoAwayCode,
+        /// Its words.
+        reason: String,
+    },
+    /// The connection carrying the session broke.
+    #[error("session connection lost: {0}")]
+    ConnectionLost(String),
+}
+
+impl SessionError {
+    /// True when the peer caused it (bad input, timeouts, its own GOAWAY); false for local causes.
+    pub fn is_peer_fault(&self) -> bool {
+        !matches!(self, SessionError::ConnectionLost(_))
+    }
+
+    fn goaway_code(&self) -> GoAwayCode {
+        match self {
+            SessionError::FlowControl { .. } => GoAwayCode::FlowControlError,
+            SessionError::IdleTimeout { .. } => GoAwayCode::IdleTimeout,
+            SessionError::PeerGoAway { .. } | SessionError::ConnectionLost(_) => {
+                GoAwayCode::NoError
+            }
+            _ => GoAwayCode::ProtocolError,
+        }
+    }
+}
+
+/// Errors from the stream calls a driver makes. These are driver bugs or races with a reset, never
+/// peer faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The stream was reset or has completed.
+    #[error("stream {0} does not exist")]
+    Gone(StreamId),
+    /// More bytes were written than [`Session::stream_send_capacity`] allowed.
+    #[error("stream {id}: wrote {len} bytes with only {capacity} of capacity")]
+    OverCapacity {
+        /// The stream.
+        id: StreamId,
+        /// Bytes offered.
+        len: usize,
+        /// Bytes allowed.
+        capacity: usize,
+    },
+    /// Data written after [`Session::stream_finish`].
+    #[error("stream {0} is already finished")]
+    Finished(StreamId),
+}
+
+/// Why a new stream could not be opened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// GOAWAY was sent or received, or the session is closed.
+    #[error("the session is going away")]
+    GoingAway,
+    /// The peer's concurrent stream limit is reached.
+    #[error("the peer's limit of {0} concurrent streams is reached")]
+    TooManyStreams(u32),
+    /// The service name is not 1..=64 bytes of `[A-Za-z0-9_.-]`.
+    #[error("invalid service name")]
+    BadServiceName,
+    /// This side has used every stream id.
+    #[error("stream ids exhausted")]
+    IdsExhausted,
+}
+
+/// Counters for metrics and tests. Cheap to copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Streams currently open.
+    pub streams: usize,
+    /// Payload bytes sent in DATA frames.
+    pub data_bytes_sent: u64,
+    /// Payload bytes received in DATA frames.
+    pub data_bytes_received: u64,
+    /// Payload bytes currently buffered for local consumers, across streams.
+    pub recv_buffered: u64,
+    /// The most any single stream has ever had buffered.
+    pub max_stream_recv_buffered: u32,
+    /// Smoothed round-trip time from PING/PONG, once measured.
+    pub rtt: Option<Duration>,
+}
+
+/// A read that large is split so one stream cannot hand the driver an arbitrary amount.
+const SMALL_CHUNK: usize = 16 * 1024;
+/// Bound on queued control frames (window updates, PONGs, RSTs): a peer that floods us while not
+/// reading hits it and loses its session.
+const CONTROL_LIMIT: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+struct Stream {
+    // Receive half.
+    recv: VecDeque<BytesMut>,
+    recv_buffered: u32,
+    /// Current window size (grows by auto-tuning).
+    recv_window: u32,
+    /// Bytes the peer may still send before breaking flow control.
+    recv_credit: u64,
+    /// Bytes consumed by the driver and not yet granted back.
+    recv_unacked: u32,
+    recv_fin: bool,
+    last_grant: Option<Instant>,
+    readable_signalled: bool,
+    high_water: u32,
+    // Send half.
+    send: VecDeque<Bytes>,
+    send_queued: u32,
+    /// Bytes the peer still lets us send on this stream.
+    send_credit: u64,
+    fin_queued: bool,
+    fin_sent: bool,
+    in_ready: bool,
+    want_writable: bool,
+    /// The driver has seen the FIN (or the stream was refused): the receive half is finished.
+    recv_done: bool,
+}
+
+impl Stream {
+    fn new(local_window: u32, peer_window: u32) -> Stream {
+        Stream {
+            recv: VecDeque::new(),
+            recv_buffered: 0,
+            recv_window: local_window,
+            recv_credit: u64::from(local_window),
+            recv_unacked: 0,
+            recv_fin: false,
+            last_grant: None,
+            readable_signalled: false,
+            high_water: 0,
+            send: VecDeque::new(),
+            send_queued: 0,
+            send_credit: u64::from(peer_window),
+            fin_queued: false,
+            fin_sent: false,
+            in_ready: false,
+            want_writable: false,
+            recv_done: false,
+        }
+    }
+}
+
+/// The state of one session: see the module docs.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    streams: HashMap<StreamId, Stream>,
+    next_local_id: u32,
+    last_peer_id: u32,
+    /// Encoded control frames, sent before any data.
+    control: Vec<u8>,
+    /// Streams with data to send, in round-robin order.
+    ready: VecDeque<StreamId>,
+    send_session_credit: u64,
+    recv_session_credit: u64,
+    recv_session_unacked: u64,
+    events: VecDeque<Event>,
+    last_recv: Instant,
+    next_ping: Instant,
+    ping_in_flight: Option<(u64, Instant)>,
+    ping_seq: u64,
+    srtt: Option<Duration>,
+    goaway_sent: bool,
+    goaway_received: bool,
+    closed: Option<SessionError>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A fresh session, right after the handshake. Queues a PING so the RTT (and with it window
+    /// auto-tuning) is known from the start.
+    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+        let next_local_id = match cfg.role {
+            Role::Server => 1,
+            Role::Client => 2,
+        };
+        let mut s = Session {
+            send_session_credit: u64::from(cfg.peer.session_window),
+            recv_session_credit: u64::from(cfg.local.session_window),
+            cfg,
+            streams: HashMap::new(),
+            next_local_id,
+            last_peer_id: 0,
+            control: Vec::new(),
+            ready: VecDeque::new(),
+            recv_session_unacked: 0,
+            events: VecDeque::new(),
+            last_recv: now,
+            next_ping: now,
+            ping_in_flight: None,
+            ping_seq: 0,
+            srtt: None,
+            goaway_sent: false,
+            goaway_received: false,
+            closed: None,
+            stats: SessionStats::default(),
+        };
+        s.send_ping(now);
+        s
+    }
+
+    /// The configuration the session was built with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Counters for metrics and tests.
+    pub fn stats(&self) -> SessionStats {
+        SessionStats {
+            streams: self.streams.len(),
+            rtt: self.srtt,
+            ..self.stats
+        }
+    }
+
+    /// Bytes currently buffered for one stream's local consumer (0 for unknown streams).
+    pub fn stream_recv_buffered(&self, id: StreamId) -> u32 {
+        self.streams.get(&id).map_or(0, |s| s.recv_buffered)
+    }
+
+    /// The current receive window of a stream (what the peer may have in flight to us).
+    pub fn stream_recv_window(&self, id: StreamId) -> u32 {
+        self.streams.get(&id).map_or(0, |s| s.recv_window)
+    }
+
+    /// Why the session ended, once it has. The driver flushes [`Session::poll_transmit`] (which
+    /// then holds the GOAWAY) and closes the connection.
+    pub fn error(&self) -> Option<&SessionError> {
+        self.closed.as_ref()
+    }
+
+    /// True once the session has ended; no more input is processed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// True when GOAWAY went either way and every stream has finished: the connection can close.
+    pub fn is_drained(&self) -> bool {
+        (self.goaway_sent || self.goaway_received || self.closed.is_some())
+            && self.streams.is_empty()
+    }
+
+    /// True while the stream exists (not reset, not completed).
+    pub fn stream_exists(&self, id: StreamId) -> bool {
+        self.streams.contains_key(&id)
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    // ----- input ---------------------------------------------------------------------------
+
+    /// Consumes every complete frame at the front of `input` (bytes read from the session
+    /// socket). Partial frames stay in `input`. On error the session is closed, a GOAWAY is queued
+    /// and every stream is reported reset.
+    pub fn handle_input(&mut self, now: Instant, input: &mut BytesMut) -> Result<(), SessionError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if !input.is_empty() {
+            self.last_recv = now;
+        }
+        loop {
+            let frame = match Frame::decode(input, self.cfg.local.max_frame_payload) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            if let Err(e) = self.handle_frame(now, frame) {
+                return Err(self.fail(e));
+            }
+        }
+        if self.control.len() > CONTROL_LIMIT {
+            return Err(self.fail(SessionError::ControlFlood {
+                limit: CONTROL_LIMIT,
+            }));
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+        match frame {
+            Frame::Data { stream, payload } => self.on_data(stream, payload),
+            Frame::Open {
+                stream,
+                service,
+                visitor,
+            } => self.on_open(stream, service, visitor),
+            Frame::Fin { stream } => {
+                self.check_known(stream, "FIN")?;
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    if s.recv_fin {
+                        return Err(SessionError::Protocol(format!(
+                            "second FIN on stream {stream}"
+                        )));
+                    }
+                    s.recv_fin = true;
+                    signal_readable(&mut self.events, stream, s);
+                }
+                Ok(())
+            }
+            Frame::Rst { stream, code } => {
+                self.check_known(stream, "RST")?;
+                if let Some(s) = self.streams.remove(&stream) {
+                    self.release_buffered(&s);
+                    self.events
+                        .push_back(Event::StreamReset { id: stream, code });
+                }
+                Ok(())
+            }
+            Frame::WindowUpdate { stream, increment } => {
+                let inc = u64::from(increment);
+                if stream == StreamId::SESSION {
+                    self.send_session_credit += inc;
+                    if self.send_session_credit > u64::from(u32::MAX) * 4 {
+                        return Err(SessionError::FlowControl {
+                            scope: "the session window (over 16 GiB granted)".into(),
+                            sent: 0,
+                        });
+                    }
+                    return Ok(());
+                }
+                self.check_known(stream, "WINDOW_UPDATE")?;
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.send_credit += inc;
+                    if s.send_credit > u64::from(u32::MAX) {
+                        return Err(SessionError::FlowControl {
+                            scope: format!("stream {stream} window (over 4 GiB granted)"),
+                            sent: 0,
+                        });
+                    }
+                    if !s.send.is_empty() && !s.in_ready {
+                        s.in_ready = true;
+                        self.ready.push_back(stream);
+                    }
+                    signal_writable(&mut self.events, stream, s, self.cfg.stream_send_buffer);
+                }
+                Ok(())
+            }
+            Frame::Ping { opaque } => {
+                Frame::Pong { opaque }.encode(&mut self.control);
+                Ok(())
+            }
+            Frame::Pong { opaque } => {
+                if let Some((seq, sent)) = self.ping_in_flight {
+                    if seq == opaque {
+                        self.ping_in_flight = None;
+                        let sample = now.saturating_duration_since(sent);
+                        self.srtt = Some(match self.srtt {
+                            None => sample,
+                            Some(old) => (old * 7 + sample) / 8,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Frame::GoAway { code, reason, .. } => {
+                if code != GoAwayCode::NoError {
+                    return Err(SessionError::PeerGoAway { code, reason });
+                }
+                if !self.goaway_received {
+                    self.goaway_received = true;
+                    self.events.push_back(Event::GoAway { code, reason });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn is_local_id(&self, id: StreamId) -> bool {
+        let odd = id.0 % 2 == 1;
+        match self.cfg.role {
+            Role::Server => odd,
+            Role::Client => !odd,
+        }
+    }
+
+    /// A frame for a stream that is not open is fine when the stream existed before (it may have
+    /// been reset while the frame was in flight) and a protocol error when it never did.
+    fn check_known(&self, id: StreamId, kind: &str) -> Result<(), SessionError> {
+        let existed = if self.is_local_id(id) {
+            id.0 < self.next_local_id
+        } else {
+            id.0 <= self.last_peer_id
+        };
+        if existed {
+            Ok(())
+        } else {
+            Err(SessionError::Protocol(format!(
+                "{kind} on stream {id}, which was never opened"
+            )))
+        }
+    }
+
+    fn on_data(&mut self, id: StreamId, payload: Bytes) -> Result<(), SessionError> {
+        let len = payload.len() as u64;
+        self.stats.data_bytes_received += len;
+        if len > self.recv_session_credit {
+            return Err(SessionError::FlowControl {
+                scope: "the session".into(),
+                sent: len - self.recv_session_credit,
+            });
+        }
+        self.recv_session_credit -= len;
+        self.check_known(id, "DATA")?;
+        let Some(s) = self.streams.get_mut(&id) else {
+            // Stream already gone: drop the bytes but give the session credit back.
+            self.recv_session_unacked += len;
+            self.maybe_grant_session();
+            return Ok(());
+        };
+        if s.recv_fin {
+            return Err(SessionError::Protocol(format!(
+                "DATA after FIN on stream {id}"
+            )));
+        }
+        if len > s.recv_credit {
+            return Err(SessionError::FlowControl {
+                scope: format!("stream {id}"),
+                sent: len - s.recv_credit,
+            });
+        }
+        s.recv_credit -= len;
+        // Copy into the stream's own buffer: the session read buffer is recycled at once, and a
+        // stalled stream then holds exactly its window, never pieces of larger allocations.
+        match s.recv.back_mut() {
+            Some(last) if last.len() + payload.len() <= SMALL_CHUNK || payload.len() < 512 => {
+                last.extend_from_slice(&payload)
+            }
+            _ => s.recv.push_back(BytesMut::from(&payload[..])),
+        }
+        s.recv_buffered += len as u32;
+        s.high_water = s.high_water.max(s.recv_buffered);
+        self.stats.max_stream_recv_buffered = self.stats.max_stream_recv_buffered.max(s.high_water);
+        self.stats.recv_buffered += len;
+        signal_readable(&mut self.events, id, s);
+        Ok(())
+    }
+
+    fn on_open(
+        &mut self,
+        id: StreamId,
+        service: String,
+        visitor: Option<SocketAddr>,
+    ) -> Result<(), SessionError> {
+        if self.is_local_id(id) {
+            return Err(SessionError::Protocol(format!(
+                "OPEN with stream id {id}, which belongs to our id space"
+            )));
+        }
+        if id.0 <= self.last_peer_id {
+            return Err(SessionError::Protocol(format!(
+                "OPEN with stream id {id}, not above the previous {}",
+                self.last_peer_id
+            )));
+        }
+        self.last_peer_id = id.0;
+        let full = self.streams.len() >= self.cfg.local.max_streams as usize;
+        if full || self.goaway_sent {
+            // Refused: pipelined DATA for it will be dropped and its session credit returned.
+            Frame::Rst {
+                stream: id,
+                code: ResetCode::Refused,
+            }
+            .encode(&mut self.control);
+            return Ok(());
+        }
+        self.streams.insert(
+            id,
+            Stream::new(
+                self.cfg.local.initial_stream_window,
+                self.cfg.peer.initial_stream_window,
+            ),
+        );
+        self.events.push_back(Event::StreamOpened {
+            id,
+            service,
+            visitor,
+        });
+        Ok(())
+    }
+
+    /// Returns the session credit of bytes that will never be consumed.
+    fn release_buffered(&mut self, s: &Stream) {
+        let n = u64::from(s.recv_buffered);
+        self.stats.recv_buffered -= n;
+        self.recv_session_unacked += n;
+        self.maybe_grant_session();
+    }
+
+    fn maybe_grant_session(&mut self) {
+        if self.recv_session_unacked >= u64::from(self.cfg.local.session_window / 4) {
+            let inc = self.recv_session_unacked as u32;
+            Frame::WindowUpdate {
+                stream: StreamId::SESSION,
+                increment: inc,
+            }
+            .encode(&mut self.control);
+            self.recv_session_credit += u64::from(inc);
+            self.recv_session_unacked = 0;
+        }
+    }
+
+    fn fail(&mut self, e: SessionError) -> SessionError {
+        if self.closed.is_none() {
+            if !matches!(
+                e,
+                SessionError::ConnectionLost(_) | SessionError::PeerGoAway { .. }
+            ) {
+                self.control.clear();
+                Frame::GoAway {
+                    last_stream: StreamId(self.last_peer_id),
+                    code: e.goaway_code(),
+                    reason: e.to_string(),
+                }
+                .encode(&mut self.control);
+                self.goaway_sent = true;
+            } else {
+                self.control.clear();
+            }
+            self.ready.clear();
+            let mut ids: Vec<StreamId> = self.streams.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                self.events.push_back(Event::StreamReset {
+                    id,
+                    code: ResetCode::SessionLost,
+                });
+            }
+            self.streams.clear();
+            self.stats.recv_buffered = 0;
+            self.closed = Some(e.clone());
+        }
+        e
+    }
+
+    /// The driver saw the connection fail or close. Every stream is reported reset.
+    pub fn handle_connection_lost(&mut self, why: &str) {
+        self.fail(SessionError::ConnectionLost(why.to_string()));
+    }
+
+    // ----- time ----------------------------------------------------------------------------
+
+    /// The next instant at which [`Session::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        Some(self.next_ping.min(self.last_recv + self.cfg.idle_timeout))
+    }
+
+    /// Fires keepalive and idle deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if now >= self.last_recv + self.cfg.idle_timeout {
+            return Err(self.fail(SessionError::IdleTimeout {
+                idle_ms: self.cfg.idle_timeout.as_millis() as u64,
+            }));
+        }
+        if now >= self.next_ping {
+            self.send_ping(now);
+        }
+        Ok(())
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        self.next_ping = now + self.cfg.keepalive_interval;
+        if self.ping_in_flight.is_some() {
+            // Still unanswered: the idle timeout decides; do not pile up probes.
+            return;
+        }
+        self.ping_seq += 1;
+        self.ping_in_flight = Some((self.ping_seq, now));
+        Frame::Ping {
+            opaque: self.ping_seq,
+        }
+        .encode(&mut self.control);
+    }
+
+    // ----- output --------------------------------------------------------------------------
+
+    /// True when [`Session::poll_transmit`] would produce bytes.
+    pub fn has_transmit(&self) -> bool {
+        !self.control.is_empty() || (self.send_session_credit > 0 && !self.ready.is_empty())
+    }
+
+    /// Appends frames for the session socket to `out` until it holds at least `limit` bytes or
+    /// nothing more is sendable. Control frames first, then DATA round-robin, `quantum` bytes per
+    /// stream per turn, within stream and session credit.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>, limit: usize) {
+        out.extend_from_slice(&self.control);
+        self.control.clear();
+        if self.closed.is_some() {
+            return;
+        }
+        let max_frame = self.cfg.peer.max_frame_payload as u64;
+        while out.len() < limit && self.send_session_credit > 0 {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let mut budget = u64::from(self.cfg.quantum);
+            while budget > 0 && s.send_credit > 0 && self.send_session_credit > 0 {
+                let Some(front) = s.send.front_mut() else {
+                    break;
+                };
+                let n = (front.len() as u64)
+                    .min(s.send_credit)
+                    .min(self.send_session_credit)
+                    .min(max_frame)
+                    .min(budget) as usize;
+                out.extend_from_slice(&data_header(id, n as u32));
+                if n == front.len() {
+                    out.extend_from_slice(front);
+                    s.send.pop_front();
+                } else {
+                    out.extend_from_slice(&front.split_to(n));
+                }
+                let n64 = n as u64;
+                s.send_queued -= n as u32;
+                s.send_credit -= n64;
+                self.send_session_credit -= n64;
+                self.stats.data_bytes_sent += n64;
+                budget -= n64;
+            }
+            s.in_ready = false;
+            if s.send.is_empty() {
+                if s.fin_queued && !s.fin_sent {
+                    s.fin_sent = true;
+                    Frame::Fin { stream: id }.encode(out);
+                }
+            } else if s.send_credit > 0 {
+                s.in_ready = true;
+                self.ready.push_back(id);
+            }
+            signal_writable(&mut self.events, id, s, self.cfg.stream_send_buffer);
+            self.maybe_free(id);
+        }
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- streams -------------------------------------------------------------------------
+
+    /// Opens a stream towards the peer's `service`. The OPEN is queued at once and DATA written
+    /// right after travels in the same transmit: no round trip before the first byte.
+    pub fn open_stream(
+        &mut self,
+        service: &str,
+        visitor: Option<SocketAddr>,
+    ) -> Result<StreamId, OpenError> {
+        if self.closed.is_some() || self.goaway_sent || self.goaway_received {
+            return Err(OpenError::GoingAway);
+        }
+        if !is_valid_name(service) {
+            return Err(OpenError::BadServiceName);
+        }
+        if self.streams.len() >= self.cfg.peer.max_streams as usize {
+            return Err(OpenError::TooManyStreams(self.cfg.peer.max_streams));
+        }
+        let id = StreamId(self.next_local_id);
+        self.next_local_id = self
+            .next_local_id
+            .checked_add(2)
+            .ok_or(OpenError::IdsExhausted)?;
+        Frame::Open {
+            stream: id,
+            service: service.to_string(),
+            visitor,
+        }
+        .encode(&mut self.control);
+        self.streams.insert(
+            id,
+            Stream::new(
+                self.cfg.local.initial_stream_window,
+                self.cfg.peer.initial_stream_window,
+            ),
+        );
+        Ok(id)
+    }
+
+    /// How many bytes [`Session::stream_write`] accepts now. When 0, an
+    /// [`Event::StreamWritable`] follows once credit arrives or the queue drains.
+    pub fn stream_send_capacity(&mut self, id: StreamId) -> usize {
+        let buffer = self.cfg.stream_send_buffer;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return 0;
+        };
+        if s.fin_queued {
+            return 0;
+        }
+        let cap = capacity(s, buffer);
+        if cap == 0 {
+            s.want_writable = true;
+        }
+        cap
+    }
+
+    /// Queues bytes read from the local socket. At most [`Session::stream_send_capacity`] bytes.
+    pub fn stream_write(&mut self, id: StreamId, data: Bytes) -> Result<(), StreamError> {
+        let buffer = self.cfg.stream_send_buffer;
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Gone(id))?;
+        if s.fin_queued {
+            return Err(StreamError::Finished(id));
+        }
+        let cap = capacity(s, buffer);
+        if data.len() > cap {
+            return Err(StreamError::OverCapacity {
+                id,
+                len: data.len(),
+                capacity: cap,
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        s.send_queued += data.len() as u32;
+        s.send.push_back(data);
+        if !s.in_ready && s.send_credit > 0 {
+            s.in_ready = true;
+            self.ready.push_back(id);
+        }
+        Ok(())
+    }
+
+    /// Half-closes our direction after everything queued has been sent.
+    pub fn stream_finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Gone(id))?;
+        if s.fin_queued {
+            return Ok(());
+        }
+        s.fin_queued = true;
+        if s.send.is_empty() {
+            s.fin_sent = true;
+            Frame::Fin { stream: id }.encode(&mut self.control);
+            self.maybe_free(id);
+        }
+        Ok(())
+    }
+
+    /// Takes up to `max` bytes for the local socket. Taking them is consuming them: credit goes
+    /// back to the peer from here, never on receipt.
+    pub fn stream_read(&mut self, now: Instant, id: StreamId, max: usize) -> Readable {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Readable::Gone;
+        };
+        s.readable_signalled = false;
+        let Some(front) = s.recv.front_mut() else {
+            if s.recv_fin && !s.recv_done {
+                s.recv_done = true;
+                self.maybe_free(id);
+                return Readable::Fin;
+            }
+            return Readable::Pending;
+        };
+        let chunk = if front.len() <= max {
+            s.recv.pop_front().unwrap_or_default().freeze()
+        } else {
+            front.split_to(max).freeze()
+        };
+        let n = chunk.len() as u32;
+        s.recv_buffered -= n;
+        s.recv_unacked += n;
+        self.stats.recv_buffered -= u64::from(n);
+        self.recv_session_unacked += u64::from(n);
+        if !s.recv_fin && s.recv_unacked >= s.recv_window / 2 {
+            let mut inc = s.recv_unacked;
+            // Auto-tune: half a window consumed in under one RTT means the window, not the
+            // consumer, limits the stream; double it up to the ceiling.
+            if let (Some(last), Some(rtt)) = (s.last_grant, self.srtt) {
+                if now.saturating_duration_since(last) < rtt.max(Duration::from_micros(100))
+                    && s.recv_window < self.cfg.max_stream_window
+                {
+                    let grow = s
+                        .recv_window
+                        .min(self.cfg.max_stream_window - s.recv_window);
+                    s.recv_window += grow;
+                    inc += grow;
+                }
+            }
+            s.last_grant = Some(now);
+            s.recv_credit += u64::from(inc);
+            s.recv_unacked = 0;
+            Frame::WindowUpdate {
+                stream: id,
+                increment: inc,
+            }
+            .encode(&mut self.control);
+        }
+        self.maybe_grant_session();
+        Readable::Data(chunk)
+    }
+
+    /// Aborts the stream both ways. Queued data is dropped; the peer gets RST with `code`.
+    pub fn stream_reset(&mut self, id: StreamId, code: ResetCode) {
+        if let Some(s) = self.streams.remove(&id) {
+            self.release_buffered(&s);
+            if self.closed.is_none() {
+                Frame::Rst { stream: id, code }.encode(&mut self.control);
+            }
+        }
+    }
+
+    /// Sends GOAWAY: the peer may open no new streams; existing ones finish. Idempotent.
+    pub fn go_away(&mut self, code: GoAwayCode, reason: &str) {
+        if self.goaway_sent || self.closed.is_some() {
+            return;
+        }
+        self.goaway_sent = true;
+        Frame::GoAway {
+            last_stream: StreamId(self.last_peer_id),
+            code,
+            reason: reason.to_string(),
+        }
+        .encode(&mut self.control);
+    }
+
+    fn maybe_free(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get(&id) {
+            if s.fin_sent && s.recv_done {
+                self.streams.remove(&id);
+            }
+        }
+    }
+}
+
+fn capacity(s: &Stream, buffer: u32) -> usize {
+    let by_credit = s.send_credit.saturating_sub(u64::from(s.send_queued));
+    let by_buffer = u64::from(buffer.saturating_sub(s.send_queued));
+    by_credit.min(by_buffer) as usize
+}
+
+fn signal_readable(events: &mut VecDeque<Event>, id: StreamId, s: &mut Stream) {
+    if !s.readable_signalled {
+        s.readable_signalled = true;
+        events.push_back(Event::StreamReadable(id));
+    }
+}
+
+fn signal_writable(events: &mut VecDeque<Event>, id: StreamId, s: &mut Stream, buffer: u32) {
+    if s.want_writable && !s.fin_queued && capacity(s, buffer) > 0 {
+        s.want_writable = false;
+        events.push_back(Event::StreamWritable(id));
+    }
+}
+
+/// Bytes of framing overhead per DATA frame, for drivers sizing buffers.
+pub const DATA_OVERHEAD: usize = HEADER_LEN;
+
+#[cfg(test)]
+mod tests {
+    //! In-memory pair tests: two sessions, a virtual clock, bytes shuttled by hand.
+    use super::*;
+
+    const WINDOW: u32 = 64 * 1024;
+
+    fn params() -> PeerParams {
+        PeerParams {
+            max_frame_payload: 16 * 1024,
+            initial_stream_window: WINDOW,
+            session_window: 16 * WINDOW,
+            max_streams: 100,
+        }
+    }
+
+    fn config(role: Role) -> SessionConfig {
+        SessionConfig {
+            role,
+            local: params(),
+            peer: params(),
+            max_stream_window: 4 * WINDOW,
+            quantum: 8 * 1024,
+            stream_send_buffer: 32 * 1024,
+            keepalive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Server and client sessions joined by two in-memory pipes and a virtual clock.
+    struct Pair {
+        now: Instant,
+        server: Session,
+        client: Session,
+        to_client: BytesMut,
+        to_server: BytesMut,
+        /// One-way delay applied by `advance` per pump round.
+        step: Duration,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let now = Instant::now();
+            Pair {
+                now,
+                server: Session::new(config(Role::Server), now),
+                client: Session::new(config(Role::Client), now),
+                to_client: BytesMut::new(),
+                to_server: BytesMut::new(),
+                step: Duration::from_micros(50),
+            }
+        }
+
+        /// Moves bytes both ways until neither side has anything to send.
+        fn drive(&mut self) {
+            for _ in 0..10_000 {
+                let mut out = Vec::new();
+                self.server.poll_transmit(&mut out, 1 << 20);
+                self.to_client.extend_from_slice(&out);
+                let mut out2 = Vec::new();
+                self.client.poll_transmit(&mut out2, 1 << 20);
+                self.to_server.extend_from_slice(&out2);
+                if out.is_empty() && out2.is_empty() {
+                    return;
+                }
+                self.now += self.step;
+                let now = self.now;
+                self.client.handle_input(now, &mut self.to_client).unwrap();
+                self.server.handle_input(now, &mut self.to_server).unwrap();
+            }
+            panic!("pair did not settle");
+        }
+
+        fn events(s: &mut Session) -> Vec<Event> {
+            std::iter::from_fn(|| s.poll_event()).collect()
+        }
+
+        fn read_all(&mut self, client: bool, id: StreamId) -> (Vec<u8>, bool) {
+            let now = self.now;
+            let s = if client {
+                &mut self.client
+            } else {
+                &mut self.server
+            };
+            let mut got = Vec::new();
+            loop {
+                match s.stream_read(now, id, usize::MAX) {
+                    Readable::Data(b) => got.extend_from_slice(&b),
+                    Readable::Fin => return (got, true),
+                    Readable::Pending | Readable::Gone => return (got, false),
+                }
+            }
+        }
+    }
+
+    fn write_some(s: &mut Session, id: StreamId, data: &mut &[u8]) -> usize {
+        let cap = s.stream_send_capacity(id).min(data.len());
+        if cap > 0 {
+            s.stream_write(id, Bytes::copy_from_slice(&data[..cap]))
+                .unwrap();
+            *data = &data[cap..];
+        }
+        cap
+    }
+
+    #[test]
+    fn open_is_pipelined_with_the_first_data() {
+        let mut p = Pair::new();
+        let visitor: SocketAddr = "203.0.113.7:5555".parse().unwrap();
+        let id = p.server.open_stream("ssh", Some(visitor)).unwrap();
+        p.server
+            .stream_write(id, Bytes::from_static(b"hello"))
+            .unwrap();
+        let mut out = Vec::new();
+        p.server.poll_transmit(&mut out, 1 << 20);
+        // One transmit carries PING, OPEN and DATA: no round trip before the first byte.
+        let mut buf = BytesMut::from(&out[..]);
+        p.client.handle_input(p.now, &mut buf).unwrap();
+        let ev = Pair::events(&mut p.client);
+        assert!(ev.contains(&Event::StreamOpened {
+            id,
+            service: "ssh".into(),
+            visitor: Some(visitor)
+        }));
+        assert!(ev.contains(&Event::StreamReadable(id)));
+        assert_eq!(p.read_all(true, id), (b"hello".to_vec(), false));
+    }
+
+    #[test]
+    fn half_close_both_ways_then_the_stream_is_freed() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("web", None).unwrap();
+        p.server
+            .stream_write(id, Bytes::from_static(b"request"))
+            .unwrap();
+        p.server.stream_finish(id).unwrap();
+        p.drive();
+        assert_eq!(p.read_all(true, id), (b"request".to_vec(), true));
+        // The client can still answer after the server half-closed.
+        p.client
+            .stream_write(id, Bytes::from_static(b"response"))
+            .unwrap();
+        p.client.stream_finish(id).unwrap();
+        p.drive();
+        assert_eq!(p.read_all(false, id), (b"response".to_vec(), true));
+        p.drive();
+        assert_eq!(p.server.stream_count(), 0);
+        assert_eq!(p.client.stream_count(), 0);
+    }
+
+    #[test]
+    fn a_stalled_stream_buffers_at_most_its_window_and_others_keep_flowing() {
+        let mut p = Pair::new();
+        let stalled = p.client.open_stream("bulk", None).unwrap();
+        let busy = p.client.open_stream("bulk", None).unwrap();
+        p.drive();
+        let payload = vec![7u8; 4 * 1024 * 1024];
+        let (mut a, mut b) = (&payload[..], &payload[..]);
+        let mut received = 0usize;
+        for _ in 0..100_000 {
+            write_some(&mut p.client, stalled, &mut a);
+            write_some(&mut p.client, busy, &mut b);
+            p.drive();
+            received += p.read_all(false, busy).0.len();
+            // Nobody reads `stalled` on the server.
+            assert!(p.server.stream_recv_buffered(stalled) <= WINDOW);
+            if received == payload.len() {
+                break;
+            }
+        }
+        assert_eq!(received, payload.len(), "the busy stream must complete");
+        assert_eq!(p.server.stream_recv_buffered(stalled), WINDOW);
+        assert_eq!(p.server.stream_recv_window(stalled), WINDOW);
+        // Once the stalled consumer reads, its bytes arrive too.
+        let mut got = 0;
+        for _ in 0..10_000 {
+            got += p.read_all(false, stalled).0.len();
+            write_some(&mut p.client, stalled, &mut a);
+            p.drive();
+            if got == payload.len() {
+                break;
+            }
+        }
+        assert_eq!(got, payload.len());
+    }
+
+    #[test]
+    fn credit_is_granted_on_consumption_not_on_receipt() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        let data = vec![1u8; WINDOW as usize * 2];
+        let mut d = &data[..];
+        for _ in 0..100 {
+            write_some(&mut p.server, id, &mut d);
+            p.drive();
+        }
+        // Nothing consumed: exactly one window crossed, the rest waits at the sender.
+        assert_eq!(p.client.stream_recv_buffered(id), WINDOW);
+        assert_eq!(p.server.stream_send_capacity(id), 0);
+        let _ = p.read_all(true, id);
+        p.drive();
+        assert!(p.server.stream_send_capacity(id) > 0);
+        assert!(Pair::events(&mut p.server).contains(&Event::StreamWritable(id)));
+    }
+
+    #[test]
+    fn window_grows_when_the_consumer_keeps_up() {
+        let mut p = Pair::new();
+        // Measure the RTT first.
+        p.drive();
+        assert!(p.server.stats().rtt.is_some());
+        let id = p.server.open_stream("x", None).unwrap();
+        let data = vec![3u8; 8 * 1024 * 1024];
+        let mut d = &data[..];
+        let mut got = 0;
+        while got < data.len() {
+            write_some(&mut p.server, id, &mut d);
+            p.drive();
+            got += p.read_all(true, id).0.len();
+        }
+        assert!(p.client.stream_recv_window(id) > WINDOW);
+        assert!(p.client.stream_recv_window(id) <= 4 * WINDOW);
+    }
+
+    #[test]
+    fn round_robin_shares_the_session_fairly() {
+        let mut p = Pair::new();
+        let ids: Vec<_> = (0..3)
+            .map(|_| p.server.open_stream("x", None).unwrap())
+            .collect();
+        p.drive();
+        for id in &ids {
+            p.server
+                .stream_write(*id, Bytes::from(vec![0u8; 24 * 1024]))
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        // Room for about one quantum per stream.
+        p.server.poll_transmit(&mut out, 3 * 8 * 1024);
+        let mut buf = BytesMut::from(&out[..]);
+        p.client.handle_input(p.now, &mut buf).unwrap();
+        for id in &ids {
+            assert_eq!(p.client.stream_recv_buffered(*id), 8 * 1024, "stream {id}");
+        }
+    }
+
+    #[test]
+    fn control_frames_go_before_data() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        p.drive();
+        p.server
+            .stream_write(id, Bytes::from(vec![0u8; 1000]))
+            .unwrap();
+        p.server.go_away(GoAwayCode::NoError, "bye");
+        let mut out = Vec::new();
+        p.server.poll_transmit(&mut out, 1 << 20);
+        assert_eq!(out[0], crate::frame::FrameType::GoAway as u8);
+    }
+
+    #[test]
+    fn reset_reaches_the_peer_and_frees_both_sides() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        p.server
+            .stream_write(id, Bytes::from_static(b"abc"))
+            .unwrap();
+        p.drive();
+        p.client.stream_reset(id, ResetCode::ServiceUnavailable);
+        p.drive();
+        assert!(Pair::events(&mut p.server).contains(&Event::StreamReset {
+            id,
+            code: ResetCode::ServiceUnavailable
+        }));
+        assert_eq!(p.server.stream_count(), 0);
+        assert_eq!(p.client.stream_count(), 0);
+        assert_eq!(p.server.stream_send_capacity(id), 0);
+        assert_eq!(
+            p.server.stream_write(id, Bytes::from_static(b"x")),
+            Err(StreamError::Gone(id))
+        );
+    }
+
+    #[test]
+    fn data_for_a_reset_stream_returns_session_credit() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        p.drive();
+        p.client.stream_reset(id, ResetCode::Cancelled);
+        // The server keeps sending before it sees the RST.
+        let mut total = 0;
+        for _ in 0..40 {
+            let cap = p.server.stream_send_capacity(id);
+            if cap == 0 {
+                break;
+            }
+            p.server
+                .stream_write(id, Bytes::from(vec![0u8; cap]))
+                .unwrap();
+            total += cap;
+            let mut out = Vec::new();
+            p.server.poll_transmit(&mut out, 1 << 20);
+            let mut buf = BytesMut::from(&out[..]);
+            p.client.handle_input(p.now, &mut buf).unwrap();
+        }
+        assert!(total > 0);
+        p.drive();
+        // A new stream can still use the whole session budget.
+        let id2 = p.server.open_stream("x", None).unwrap();
+        assert!(p.server.stream_send_capacity(id2) > 0);
+    }
+
+    #[test]
+    fn sending_beyond_credit_is_a_flow_control_error() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        p.drive();
+        let mut wire = Vec::new();
+        for _ in 0..(WINDOW / 1024 + 1) {
+            Frame::Data {
+                stream: id,
+                payload: Bytes::from(vec![0u8; 1024]),
+            }
+            .encode(&mut wire);
+        }
+        let mut buf = BytesMut::from(&wire[..]);
+        let err = p.client.handle_input(p.now, &mut buf).unwrap_err();
+        assert!(matches!(err, SessionError::FlowControl { .. }), "{err}");
+        let mut out = Vec::new();
+        p.client.poll_transmit(&mut out, 1 << 20);
+        let mut buf = BytesMut::from(&out[..]);
+        let f = Frame::decode(&mut buf, 1 << 20).unwrap().unwrap();
+        assert!(
+            matches!(
+                f,
+                Frame::GoAway {
+                    code: GoAwayCode::FlowControlError,
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        assert!(Pair::events(&mut p.client).contains(&Event::StreamReset {
+            id,
+            code: ResetCode::SessionLost
+        }));
+    }
+
+    #[test]
+    fn frames_for_never_opened_streams_are_protocol_errors() {
+        let mut p = Pair::new();
+        let mut wire = Vec::new();
+        Frame::Data {
+            stream: StreamId(99),
+            payload: Bytes::from_static(b"x"),
+        }
+        .encode(&mut wire);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(matches!(
+            p.client.handle_input(p.now, &mut buf),
+            Err(SessionError::Protocol(_))
+        ));
+        assert!(p.client.is_closed());
+    }
+
+    #[test]
+    fn opens_beyond_the_stream_limit_are_refused_not_fatal() {
+        let mut p = Pair::new();
+        let mut cfg = config(Role::Server);
+        cfg.peer.max_streams = 1000; // the server believes it may open more than the client takes
+        p.server = Session::new(cfg, p.now);
+        for _ in 0..101 {
+            p.server.open_stream("x", None).unwrap();
+        }
+        p.drive();
+        assert_eq!(p.client.stream_count(), 100);
+        assert_eq!(p.server.stream_count(), 100);
+        assert!(!p.client.is_closed());
+    }
+
+    #[test]
+    fn keepalive_pings_and_idle_timeout_are_deadlines() {
+        let mut p = Pair::new();
+        p.drive();
+        let rtt = p.client.stats().rtt.expect("rtt measured at start");
+        assert!(rtt >= p.step);
+        let deadline = p.client.poll_timeout().unwrap();
+        assert_eq!(deadline, p.now - p.step * 2 + Duration::from_secs(10));
+        p.now = deadline;
+        p.client.handle_timeout(p.now).unwrap();
+        assert!(p.client.has_transmit(), "a keepalive PING is queued");
+        // The server never answers again: the idle timeout ends the session.
+        let later = p.now + Duration::from_secs(31);
+        let err = p.client.handle_timeout(later).unwrap_err();
+        assert!(matches!(err, SessionError::IdleTimeout { idle_ms: 30_000 }));
+    }
+
+    #[test]
+    fn graceful_goaway_refuses_new_streams_and_drains() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("x", None).unwrap();
+        p.drive();
+        p.client.go_away(GoAwayCode::NoError, "shutting down");
+        p.drive();
+        assert!(Pair::events(&mut p.server)
+            .iter()
+            .any(|e| matches!(e, Event::GoAway { .. })));
+        assert_eq!(p.server.open_stream("x", None), Err(OpenError::GoingAway));
+        assert!(!p.server.is_drained());
+        p.server.stream_finish(id).unwrap();
+        p.client.stream_finish(id).unwrap();
+        p.drive();
+        p.read_all(true, id);
+        p.read_all(false, id);
+        assert!(p.server.is_drained() && p.client.is_drained());
+    }
+
+    #[test]
+    fn a_thousand_streams_on_one_session() {
+        let mut p = Pair::new();
+        let mut cfg_s = config(Role::Server);
+        let mut cfg_c = config(Role::Client);
+        for c in [&mut cfg_s, &mut cfg_c] {
+            c.local.max_streams = 2000;
+            c.peer.max_streams = 2000;
+        }
+        p.server = Session::new(cfg_s, p.now);
+        p.client = Session::new(cfg_c, p.now);
+        let ids: Vec<_> = (0..1000)
+            .map(|_| p.server.open_stream("x", None).unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            p.server
+                .stream_write(*id, Bytes::from(format!("stream {i}")))
+                .unwrap();
+            p.server.stream_finish(*id).unwrap();
+        }
+        p.drive();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                p.read_all(true, *id),
+                (format!("stream {i}").into_bytes(), true)
+            );
+        }
+    }
+}
