@@ -216,7 +216,8 @@ impl Mailbox {
 pub struct Shards {
     mailboxes: Arc<Vec<Mailbox>>,
     stats: Vec<Arc<ShardStats>>,
-    threads: Vec<JoinHandle<()>>,
+    /// Joined by [`Shards::stop`]; a Mutex only because stop takes `&self` (control path).
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     board: Arc<RouteBoard>,
 }
 
@@ -265,7 +266,7 @@ impl Shards {
         Ok(Shards {
             mailboxes,
             stats,
-            threads,
+            threads: std::sync::Mutex::new(threads),
             board,
         })
     }
@@ -322,14 +323,21 @@ impl Shards {
         }
     }
 
-    /// Stops every shard and joins the threads.
-    pub fn stop(self) {
+    /// Stops every shard and joins the threads. Idempotent.
+    pub fn stop(&self) {
+        let threads = match self.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        if threads.is_empty() {
+            return;
+        }
         for m in self.mailboxes.iter() {
             while m.push(ShardCommand::Stop).is_err() {
                 std::thread::yield_now();
             }
         }
-        for t in self.threads {
+        for t in threads {
             let _ = t.join();
         }
     }

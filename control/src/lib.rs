@@ -2,5 +2,10 @@
 //! signals, and the in-process `demo`. It never sits on the per-byte path: once a session is
 //! authenticated it is handed to a shard of the data plane.
 
+pub mod client;
 pub mod config;
+pub mod demo;
+pub mod server;
+pub mod setup;
+pub mod signals;
 pub mod tls;

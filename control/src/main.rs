@@ -1,1 +1,143 @@
-fn main() {}
+//! The `warren` binary: `server`, `client`, `check` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::info;
+use warren::config::{load_config, ConfigFile};
+
+/// warren: a self-hosted multiplexed reverse tunnel.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the public relay (needs a [server] section).
+    Server {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run the agent behind NAT (needs a [client] section).
+    Client {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file; prints every error with its TOML path, exits non-zero on any.
+    Check {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Server, client and a demo web service in one process on loopback; fetches one page
+    /// through the tunnel and runs until Ctrl-C.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Check { config } => return check(&config),
+        Command::Server { config } => run(|rt| rt.block_on(server(config))),
+        Command::Client { config } => run(|rt| rt.block_on(client(config))),
+        Command::Demo => run(|rt| rt.block_on(warren::demo::run())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The control plane runs on one tokio thread; the data plane has its own shard threads.
+fn run(f: impl FnOnce(&tokio::runtime::Runtime) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("warren-control")
+        .build()
+        .context("starting the control runtime")?;
+    f(&rt)
+}
+
+fn load(path: &PathBuf) -> anyhow::Result<ConfigFile> {
+    load_config(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
+}
+
+async fn server(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = load(&path)?
+        .server
+        .with_context(|| format!("{}: no [server] section", path.display()))?;
+    let server = warren::server::Server::start(cfg).await?;
+    warren::signals::wait_for_shutdown().await;
+    info!("draining");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn client(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = load(&path)?
+        .client
+        .with_context(|| format!("{}: no [client] section", path.display()))?;
+    let client = warren::client::Client::start(cfg).await?;
+    warren::signals::wait_for_shutdown().await;
+    info!("draining");
+    client.shutdown().await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn check(path: &PathBuf) -> ExitCode {
+    match load_config(path) {
+        Ok(cfg) => {
+            let mut parts = Vec::new();
+            if let Some(s) = &cfg.server {
+                parts.push(format!(
+                    "server ({} client(s), {} service(s), transport {})",
+                    s.clients.len(),
+                    s.services.len(),
+                    s.transport.as_str()
+                ));
+            }
+            if let Some(c) = &cfg.client {
+                parts.push(format!(
+                    "client {:?} ({} service(s), transport {})",
+                    c.name,
+                    c.services.len(),
+                    c.transport.as_str()
+                ));
+            }
+            if parts.is_empty() {
+                eprintln!(
+                    "{}: neither [server] nor [client] is present",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            println!("{}: ok: {}", path.display(), parts.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{}: {e}", path.display());
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}

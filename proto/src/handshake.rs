@@ -684,7 +684,7 @@ impl ClientHandshake {
                 )),
                 ClientState::Failed => {
                     return Err(HandshakeError::InvalidState(
-                        "the client handshake already failed",
+                        "the client handshake already ended in an error",
                     ))
                 }
             }
@@ -823,7 +823,7 @@ impl ServerHandshake {
                 }
                 ServerState::Rejected | ServerState::Failed => {
                     return Err(HandshakeError::InvalidState(
-                        "the server handshake already failed",
+                        "the server handshake already ended in a rejection or an error",
                     ))
                 }
             }

@@ -1,0 +1,312 @@
+//! `warren client`: dials the server, authenticates, opens one session per server shard, and
+//! serves the streams the server opens by dialling local services. Every session slot
+//! reconnects forever with exponential backoff and jitter, and logs why.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+use warren_compat::transport::SessionIo;
+use warren_compat::{
+    LocalService, RouteBoard, SessionHandoff, SessionRole, ShardCommand, ShardSetConfig, Shards,
+};
+use warren_proto::handshake::{Accepted, ClientHandshake, ClientHandshakeConfig, Token};
+use warren_proto::session::Role;
+
+use crate::config::{ClientConfig, Transport};
+use crate::setup::{allowed_cpus, exchange, local_params, random_u64, session_config};
+
+/// A running client. Stop it with [`Client::shutdown`].
+#[derive(Debug)]
+pub struct Client {
+    shards: Arc<Shards>,
+    stop: watch::Sender<bool>,
+    slots: tokio::task::JoinHandle<()>,
+    drain_timeout: Duration,
+    connected: watch::Receiver<usize>,
+}
+
+struct Ctx {
+    cfg: ClientConfig,
+    tls: Option<crate::tls::ClientTls>,
+    shards: Arc<Shards>,
+    services: Arc<HashMap<String, LocalService>>,
+    instance_id: u64,
+    /// Sessions currently up, for `wait_connected` and logs.
+    connected: watch::Sender<usize>,
+}
+
+impl Client {
+    /// Starts the shards and the session slots; returns at once (connection is asynchronous).
+    pub async fn start(cfg: ClientConfig) -> anyhow::Result<Client> {
+        let tls = match cfg.transport {
+            Transport::Tls => Some(crate::tls::client_tls(&cfg).context("setting up TLS")?),
+            Transport::Tcp => {
+                warn!("transport = \"tcp\": the session is NOT encrypted (explicit opt-in)");
+                None
+            }
+        };
+        let shard_count = cfg.tuning.shard_count(allowed_cpus());
+        let shards = Arc::new(
+            Shards::start(
+                ShardSetConfig {
+                    count: shard_count,
+                    cores: cfg.tuning.cores.clone(),
+                    name: "client",
+                    read_buffer: cfg.tuning.read_buffer_bytes as usize,
+                    queue_capacity: 1024,
+                },
+                Arc::new(RouteBoard::new([], shard_count)),
+            )
+            .context("starting shard threads")?,
+        );
+        let services = Arc::new(
+            cfg.services
+                .iter()
+                .map(|(name, s)| {
+                    (
+                        name.clone(),
+                        LocalService {
+                            addr: s.local_addr.clone(),
+                            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let (connected_tx, connected) = watch::channel(0usize);
+        let drain_timeout = Duration::from_millis(cfg.drain_timeout_ms);
+        let ctx = Arc::new(Ctx {
+            cfg,
+            tls,
+            shards: shards.clone(),
+            services,
+            instance_id: random_u64(),
+            connected: connected_tx,
+        });
+        let slots = tokio::spawn(run_slots(ctx, stop_rx));
+        Ok(Client {
+            shards,
+            stop,
+            slots,
+            drain_timeout,
+            connected,
+        })
+    }
+
+    /// The shards, for counters.
+    pub fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// Waits until at least `n` sessions are up, or `limit` passes. Returns whether they are.
+    pub async fn wait_connected(&self, n: usize, limit: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(limit, rx.wait_for(|c| *c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Graceful stop: GOAWAY on every session, wait for streams (up to `drain_timeout_ms`),
+    /// then stop the shards.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.shards.drain("client shutting down");
+        let left = crate::server::wait_drained(&self.shards, self.drain_timeout).await;
+        if left > 0 {
+            warn!(
+                streams = left,
+                "drain deadline reached; closing remaining streams"
+            );
+        }
+        self.slots.abort();
+        self.shards.stop();
+    }
+}
+
+/// Slot 0 connects first and learns the server's shard count; then the other slots start.
+async fn run_slots(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
+    let (count_tx, count_rx) = oneshot::channel();
+    let first = tokio::spawn(run_slot(ctx.clone(), 0, Some(count_tx), stop.clone()));
+    let Ok(server_shards) = count_rx.await else {
+        let _ = first.await;
+        return;
+    };
+    let sessions = ctx.cfg.sessions.map_or(server_shards.max(1), |s| s.max(1));
+    info!(
+        sessions,
+        server_shards, "opening one session per server shard"
+    );
+    let mut tasks = vec![first];
+    for i in 1..sessions {
+        tasks.push(tokio::spawn(run_slot(ctx.clone(), i, None, stop.clone())));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Keeps session `index` up forever (until stop).
+async fn run_slot(
+    ctx: Arc<Ctx>,
+    index: u16,
+    mut shard_count: Option<oneshot::Sender<u16>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let min = Duration::from_millis(ctx.cfg.reconnect_min_ms.max(1));
+    let max = Duration::from_millis(ctx.cfg.reconnect_max_ms.max(ctx.cfg.reconnect_min_ms));
+    let mut backoff = min;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let attempt = tokio::select! {
+            r = connect(&ctx, index) => r,
+            _ = stop.changed() => return,
+        };
+        match attempt {
+            Ok((done, accepted)) => {
+                backoff = min;
+                if let Some(tx) = shard_count.take() {
+                    let _ = tx.send(accepted.shard_count);
+                }
+                ctx.connected.send_modify(|c| *c += 1);
+                let end = tokio::select! {
+                    r = done => r.ok(),
+                    _ = stop.changed() => return,
+                };
+                ctx.connected.send_modify(|c| *c = c.saturating_sub(1));
+                match end.and_then(|e| e.error) {
+                    Some(e) => warn!(session = index, "session lost: {e}; reconnecting"),
+                    None => info!(
+                        session = index,
+                        "session closed by the server; reconnecting"
+                    ),
+                }
+            }
+            Err(e) => {
+                warn!(
+                    session = index,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot connect to {}: {e:#}",
+                    ctx.cfg.server_addr
+                );
+            }
+        }
+        // Full jitter on the upper half keeps a fleet of clients from reconnecting in lockstep.
+        let jitter = random_u64() % (backoff.as_millis() as u64 / 2 + 1);
+        let wait = backoff / 2 + Duration::from_millis(jitter);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+type Connected = (oneshot::Receiver<warren_compat::SessionEnd>, Accepted);
+
+/// Dial, TLS, handshake, hand the session to a shard.
+async fn connect(ctx: &Ctx, index: u16) -> anyhow::Result<Connected> {
+    let cfg = &ctx.cfg;
+    let sock = tokio::time::timeout(
+        Duration::from_millis(cfg.connect_timeout_ms),
+        TcpStream::connect(&cfg.server_addr),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "no answer within {} ms (server side)",
+            cfg.connect_timeout_ms
+        )
+    })?
+    .context("TCP connect failed (server side)")?;
+    let peer = sock.peer_addr()?;
+    let tls = match &ctx.tls {
+        Some(t) => Some(rustls::Connection::from(
+            rustls::ClientConnection::new(t.config.clone(), t.server_name.clone())
+                .context("creating TLS state")?,
+        )),
+        None => None,
+    };
+    let mut io = SessionIo::new(sock, tls);
+    let mut input = BytesMut::new();
+    let handshake = async {
+        io.complete_tls_handshake(&mut input)
+            .await
+            .context("TLS handshake failed")?;
+        let mut hs = ClientHandshake::new(ClientHandshakeConfig {
+            name: cfg.name.clone(),
+            token: Token::new(cfg.token.expose().as_bytes()),
+            instance_id: ctx.instance_id,
+            session_index: index,
+            services: cfg.services.keys().cloned().collect(),
+            params: local_params(&cfg.tuning),
+        });
+        let mut out = Vec::new();
+        loop {
+            match hs.handle_input(&mut input) {
+                Ok(Some(accepted)) => break anyhow::Ok(accepted),
+                Ok(None) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("handshake failed")),
+            }
+            out.clear();
+            hs.poll_transmit(&mut out);
+            exchange(&mut io, &out, &mut input, true).await?;
+        }
+    };
+    let accepted = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), handshake)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "handshake not finished within {} ms",
+                cfg.connect_timeout_ms
+            )
+        })??;
+    if index == 0 {
+        for v in &accepted.services {
+            match &v.refusal {
+                None => info!(service = %v.name, "service accepted by the server"),
+                Some(why) => warn!(service = %v.name, "service refused by the server: {why}"),
+            }
+        }
+    }
+    let config = session_config(
+        Role::Client,
+        &cfg.tuning,
+        accepted.params,
+        u64::from(accepted.keepalive_interval_ms),
+        u64::from(accepted.idle_timeout_ms),
+    );
+    let (done_tx, done_rx) = oneshot::channel();
+    let handoff = SessionHandoff {
+        parts: io.into_parts(input)?,
+        config,
+        session_id: accepted.session_id,
+        peer_name: Arc::from(format!("server@{peer}")),
+        role: SessionRole::Client {
+            services: ctx.services.clone(),
+        },
+        done: Some(done_tx),
+    };
+    let shard = usize::from(index) % ctx.shards.len();
+    if ctx
+        .shards
+        .send(shard, ShardCommand::Session(Box::new(handoff)))
+        .is_err()
+    {
+        anyhow::bail!("shard {shard} command queue is full (internal)");
+    }
+    debug!(
+        session = accepted.session_id,
+        index, shard, "session handed to shard"
+    );
+    info!(session = accepted.session_id, index, server = %peer, "connected");
+    Ok((done_rx, accepted))
+}
