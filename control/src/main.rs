@@ -1,6 +1,6 @@
 //! The `warren` binary: `server`, `client`, `check` and `demo`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -75,7 +75,7 @@ fn run(f: impl FnOnce(&tokio::runtime::Runtime) -> anyhow::Result<()>) -> anyhow
     f(&rt)
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<ConfigFile> {
+fn load(path: &Path) -> anyhow::Result<ConfigFile> {
     load_config(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
 }
 
@@ -102,7 +102,7 @@ async fn client(path: PathBuf) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::print_stdout)]
-fn check(path: &PathBuf) -> ExitCode {
+fn check(path: &Path) -> ExitCode {
     match load_config(path) {
         Ok(cfg) => {
             let mut parts = Vec::new();
