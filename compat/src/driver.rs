@@ -256,7 +256,13 @@ async fn run_session(
             }
         }
         if let Some(e) = closed {
-            // Best effort: get the GOAWAY out, then close.
+            // Best effort: get the GOAWAY out (it may still be behind earlier output), then close.
+            {
+                let mut core = handle.core.borrow_mut();
+                out.clear();
+                core.session.poll_transmit(&mut out, TRANSMIT_CHUNK);
+            }
+            let _ = io.queue(&out);
             let _ = tokio::time::timeout(Duration::from_secs(1), io.flush_all()).await;
             break Err(e.to_string());
         }
@@ -273,7 +279,7 @@ async fn run_session(
         let wake = tokio::select! {
             r = io.socket().readable() => r.map(|_| Wake::Readable),
             r = io.socket().writable(), if io.wants_write() => r.map(|_| Wake::Writable),
-            _ = handle.tx.notified() => Ok(Wake::Notified),
+            _ = handle.tx.notified(), if !io.wants_write() => Ok(Wake::Notified),
             _ = sleep => Ok(Wake::Timer),
         };
         match wake {
@@ -320,7 +326,8 @@ fn lose(shard: &Rc<Shard>, handle: &Rc<SessionHandle>, why: &str) {
     dispatch(shard, handle, &mut core);
 }
 
-/// Turns core events into wake-ups and new stream tasks.
+/// Turns core events into wake-ups and new stream tasks. Runs on the session task only, which
+/// checks for output itself; waking it from here would make it spin while the socket is full.
 fn dispatch(shard: &Rc<Shard>, handle: &Rc<SessionHandle>, core: &mut Core) {
     while let Some(ev) = core.session.poll_event() {
         match ev {
@@ -363,9 +370,6 @@ fn dispatch(shard: &Rc<Shard>, handle: &Rc<SessionHandle>, core: &mut Core) {
                 info!(session = handle.id, peer = %handle.peer_name, "peer sent GOAWAY ({code}): {reason}");
             }
         }
-    }
-    if core.session.has_transmit() {
-        handle.tx.notify_one();
     }
 }
 

@@ -68,6 +68,12 @@ impl SessionIo {
     /// Wraps a connected socket; `tls` is a fresh or in-progress rustls connection.
     pub fn new(sock: TcpStream, tls: Option<TlsConn>) -> SessionIo {
         let _ = sock.set_nodelay(true);
+        let mut tls = tls;
+        if let Some(t) = tls.as_mut() {
+            // The session driver bounds what it queues (one transmit chunk while the socket is
+            // not writable); rustls's own 64 KiB default would refuse a full chunk.
+            t.set_buffer_limit(None);
+        }
         SessionIo {
             sock,
             tls: tls.map(Box::new),

@@ -1,0 +1,229 @@
+//! In-process loopback tests: the same server and client code the binary runs, started as a
+//! library so the tests can read the shards' counters (how much a stalled stream buffers).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use warren::client::Client;
+use warren::config::parse_config;
+use warren::server::Server;
+
+const WINDOW: u32 = 256 * 1024;
+
+/// A service that reads an 8-byte big-endian length and answers with that many pattern bytes.
+async fn source_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(len);
+                let block = pattern_block();
+                while left > 0 {
+                    let n = left.min(block.len() as u64) as usize;
+                    if s.write_all(&block[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// 64 KiB of a pattern whose every byte depends on its offset modulo 251 (so shifted or
+/// dropped bytes are caught).
+fn pattern_block() -> Vec<u8> {
+    // The block length is a multiple of 251 so consecutive blocks continue the pattern.
+    (0..251 * 261).map(|i| (i % 251) as u8).collect()
+}
+
+struct Pair {
+    server: Server,
+    client: Client,
+    public: SocketAddr,
+}
+
+async fn start_pair(service: SocketAddr, sessions: usize) -> Pair {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
+        .with_test_writer()
+        .try_init();
+    let server_toml = format!(
+        r#"
+[server]
+bind_addr = "127.0.0.1:0"
+transport = "tcp"
+[server.clients.laptop]
+token = "change-me"
+[server.services.source]
+bind_addr = "127.0.0.1:0"
+[server.tuning]
+shards = {sessions}
+initial_stream_window_bytes = {WINDOW}
+"#
+    );
+    let server_cfg = parse_config(&server_toml).unwrap().server.unwrap();
+    let server = Server::start(server_cfg).await.unwrap();
+    let client_toml = format!(
+        r#"
+[client]
+server_addr = "{}"
+name = "laptop"
+token = "change-me"
+transport = "tcp"
+[client.services.source]
+local_addr = "{service}"
+[client.tuning]
+shards = {sessions}
+initial_stream_window_bytes = {WINDOW}
+"#,
+        server.session_addr
+    );
+    let client_cfg = parse_config(&client_toml).unwrap().client.unwrap();
+    let client = Client::start(client_cfg).await.unwrap();
+    assert!(
+        client
+            .wait_connected(sessions, Duration::from_secs(10))
+            .await,
+        "client did not connect {sessions} sessions"
+    );
+    // The client counts a session once handed to its shard; the server registers it a moment
+    // later on its own shard.
+    for _ in 0..500 {
+        if server.shards().board().sessions_for("source") as usize >= sessions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let public = server.service_addrs["source"];
+    Pair {
+        server,
+        client,
+        public,
+    }
+}
+
+/// Asks the source for `len` bytes and checks every byte.
+async fn download(public: SocketAddr, len: u64) -> u64 {
+    let mut s = TcpStream::connect(public).await.unwrap();
+    s.write_all(&len.to_be_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            let off = got + i as u64;
+            assert_eq!(*b, (off % 251) as u8, "byte {off} of the download is wrong");
+        }
+        got += n as u64;
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window() {
+    let service = source_service().await;
+    // One session (one shard each side): all ten streams share it.
+    let p = start_pair(service, 1).await;
+    const EACH: u64 = 100 * 1024 * 1024;
+
+    // The stalled visitor asks for plenty and never reads.
+    let mut stalled = TcpStream::connect(p.public).await.unwrap();
+    stalled.write_all(&(EACH).to_be_bytes()).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..9 {
+        let public = p.public;
+        tasks.push(tokio::spawn(async move { download(public, EACH).await }));
+    }
+    let mut peak_buffered = 0u64;
+    let done = async {
+        let mut total = 0u64;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    };
+    tokio::pin!(done);
+    let total = loop {
+        tokio::select! {
+            t = &mut done => break t,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                let b = p.server.shards().total(|s| &s.recv_buffered);
+                peak_buffered = peak_buffered.max(b);
+            }
+        }
+    };
+    assert_eq!(total, 9 * EACH, "all nine transfers complete, byte-exact");
+
+    // With the nine done, what the server still buffers belongs to the stalled stream alone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled_buffered = p.server.shards().total(|s| &s.recv_buffered);
+    assert!(
+        stalled_buffered > 0,
+        "the stalled stream should hold some bytes (its visitor never read)"
+    );
+    assert!(
+        stalled_buffered <= u64::from(WINDOW),
+        "stalled stream buffers {stalled_buffered} bytes, more than its {WINDOW}-byte window"
+    );
+    let sessions = p.server.shards().total(|s| &s.sessions);
+    assert_eq!(sessions, 1, "everything ran on one session");
+    eprintln!(
+        "HOL: stalled stream buffered {stalled_buffered} B (window {WINDOW} B); \
+         peak server buffering during the run {peak_buffered} B"
+    );
+
+    // The stalled visitor can still drain its stream completely once it reads.
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = stalled.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    assert_eq!(got, EACH);
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visitors_spread_over_one_session_per_shard() {
+    let service = source_service().await;
+    let p = start_pair(service, 2).await;
+    assert_eq!(p.server.shards().total(|s| &s.sessions), 2);
+    // Each server shard has its own session: both shards have exactly one.
+    for i in 0..2 {
+        assert_eq!(
+            p.server.shards().stats(i).sessions.load(Ordering::Relaxed),
+            1,
+            "shard {i}"
+        );
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let public = p.public;
+        tasks.push(tokio::spawn(async move { download(public, 1 << 20).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 1 << 20);
+    }
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+}
