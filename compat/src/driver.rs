@@ -197,6 +197,8 @@ impl Published {
             d(now.recv_buffered, self.0.recv_buffered),
             Ordering::Relaxed,
         );
+        s.recv_windows
+            .fetch_add(d(now.recv_windows, self.0.recv_windows), Ordering::Relaxed);
         s.streams.fetch_add(
             d(now.streams as u64, self.0.streams as u64),
             Ordering::Relaxed,

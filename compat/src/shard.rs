@@ -111,6 +111,8 @@ pub struct ShardStats {
     pub bytes_received: AtomicU64,
     /// Payload bytes buffered for slow local consumers right now.
     pub recv_buffered: AtomicU64,
+    /// Sum of the receive windows of open streams (bounds what they may make us buffer).
+    pub recv_windows: AtomicU64,
     /// The most any single stream has had buffered.
     pub max_stream_recv_buffered: AtomicU64,
     /// Visitors accepted on this shard's listeners.

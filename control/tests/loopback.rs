@@ -12,6 +12,7 @@ use warren::config::parse_config;
 use warren::server::Server;
 
 const WINDOW: u32 = 256 * 1024;
+const MAX_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// A service that reads an 8-byte big-endian length and answers with that many pattern bytes.
 async fn source_service() -> SocketAddr {
@@ -71,6 +72,7 @@ bind_addr = "127.0.0.1:0"
 [server.tuning]
 shards = {sessions}
 initial_stream_window_bytes = {WINDOW}
+max_stream_window_bytes = {MAX_WINDOW}
 "#
     );
     let server_cfg = parse_config(&server_toml).unwrap().server.unwrap();
@@ -173,18 +175,27 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
     // With the nine done, what the server still buffers belongs to the stalled stream alone.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stalled_buffered = p.server.shards().total(|s| &s.recv_buffered);
+    let stalled_window = p.server.shards().total(|s| &s.recv_windows);
+    let streams = p.server.shards().total(|s| &s.streams);
+    assert_eq!(
+        streams, 1,
+        "only the stalled stream is still open on the server"
+    );
     assert!(
         stalled_buffered > 0,
         "the stalled stream should hold some bytes (its visitor never read)"
     );
+    // Its window may have grown while the visitor's kernel buffer still absorbed bytes; it
+    // never exceeds the configured ceiling, and the buffer never exceeds the window.
     assert!(
-        stalled_buffered <= u64::from(WINDOW),
-        "stalled stream buffers {stalled_buffered} bytes, more than its {WINDOW}-byte window"
+        stalled_buffered <= stalled_window,
+        "stalled stream buffers {stalled_buffered} bytes, more than its {stalled_window}-byte window"
     );
+    assert!(stalled_window <= u64::from(MAX_WINDOW));
     let sessions = p.server.shards().total(|s| &s.sessions);
     assert_eq!(sessions, 1, "everything ran on one session");
     eprintln!(
-        "HOL: stalled stream buffered {stalled_buffered} B (window {WINDOW} B); \
+        "HOL: stalled stream buffered {stalled_buffered} B (its window {stalled_window} B); \
          peak server buffering during the run {peak_buffered} B"
     );
 

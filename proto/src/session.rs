@@ -213,6 +213,9 @@ pub struct SessionStats {
     pub recv_buffered: u64,
     /// The most any single stream has ever had buffered.
     pub max_stream_recv_buffered: u32,
+    /// Sum of the current receive windows of open streams: a stream never buffers more than
+    /// its window, so this bounds what the open streams can make us hold.
+    pub recv_windows: u64,
     /// Smoothed round-trip time from PING/PONG, once measured.
     pub rtt: Option<Duration>,
 }
@@ -438,7 +441,7 @@ impl Session {
             }
             Frame::Rst { stream, code } => {
                 self.check_known(stream, "RST")?;
-                if let Some(s) = self.streams.remove(&stream) {
+                if let Some(s) = self.remove_stream(stream) {
                     self.release_buffered(&s);
                     self.events
                         .push_back(Event::StreamReset { id: stream, code });
@@ -602,13 +605,7 @@ impl Session {
             .encode(&mut self.control);
             return Ok(());
         }
-        self.streams.insert(
-            id,
-            Stream::new(
-                self.cfg.local.initial_stream_window,
-                self.cfg.peer.initial_stream_window,
-            ),
-        );
+        self.insert_stream(id);
         self.events.push_back(Event::StreamOpened {
             id,
             service,
@@ -666,6 +663,7 @@ impl Session {
             }
             self.streams.clear();
             self.stats.recv_buffered = 0;
+            self.stats.recv_windows = 0;
             self.closed = Some(e.clone());
         }
         e
@@ -813,13 +811,7 @@ impl Session {
             visitor,
         }
         .encode(&mut self.control);
-        self.streams.insert(
-            id,
-            Stream::new(
-                self.cfg.local.initial_stream_window,
-                self.cfg.peer.initial_stream_window,
-            ),
-        );
+        self.insert_stream(id);
         Ok(id)
     }
 
@@ -919,6 +911,7 @@ impl Session {
                         .recv_window
                         .min(self.cfg.max_stream_window - s.recv_window);
                     s.recv_window += grow;
+                    self.stats.recv_windows += u64::from(grow);
                     inc += grow;
                 }
             }
@@ -937,7 +930,7 @@ impl Session {
 
     /// Aborts the stream both ways. Queued data is dropped; the peer gets RST with `code`.
     pub fn stream_reset(&mut self, id: StreamId, code: ResetCode) {
-        if let Some(s) = self.streams.remove(&id) {
+        if let Some(s) = self.remove_stream(id) {
             self.release_buffered(&s);
             if self.closed.is_none() {
                 Frame::Rst { stream: id, code }.encode(&mut self.control);
@@ -959,10 +952,25 @@ impl Session {
         .encode(&mut self.control);
     }
 
+    fn insert_stream(&mut self, id: StreamId) {
+        let s = Stream::new(
+            self.cfg.local.initial_stream_window,
+            self.cfg.peer.initial_stream_window,
+        );
+        self.stats.recv_windows += u64::from(s.recv_window);
+        self.streams.insert(id, s);
+    }
+
+    fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
+        let s = self.streams.remove(&id)?;
+        self.stats.recv_windows -= u64::from(s.recv_window);
+        Some(s)
+    }
+
     fn maybe_free(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get(&id) {
             if s.fin_sent && s.recv_done {
-                self.streams.remove(&id);
+                self.remove_stream(id);
             }
         }
     }
