@@ -174,12 +174,24 @@ pub(crate) async fn wait_drained(shards: &Shards, deadline: Duration) -> u64 {
     }
 }
 
+/// Handshakes in progress at once. Unauthenticated peers cost a task and a small buffer each
+/// for up to `handshake_timeout_ms`; beyond this many, new connections are closed at once so
+/// a connection flood cannot exhaust memory.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+
 async fn accept_sessions(listener: TcpListener, acceptor: Arc<Acceptor>) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         match listener.accept().await {
             Ok((sock, peer)) => {
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    warn!(%peer, "session refused: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
+                    drop(sock);
+                    continue;
+                };
                 let a = acceptor.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let limit = Duration::from_millis(a.cfg.handshake_timeout_ms);
                     match tokio::time::timeout(limit, setup_session(&a, sock, peer)).await {
                         Ok(Ok(())) => {}

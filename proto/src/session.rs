@@ -1447,3 +1447,21 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_stream_holds_no_buffers_and_its_state_is_small() {
+        // What a stream costs when nothing is in flight: the struct, no heap.
+        let s = Stream::new(256 * 1024, 256 * 1024);
+        assert_eq!(s.recv.capacity(), 0);
+        assert_eq!(s.send.capacity(), 0);
+        assert!(
+            std::mem::size_of::<Stream>() <= 192,
+            "Stream grew to {} bytes",
+            std::mem::size_of::<Stream>()
+        );
+    }
+}
