@@ -213,7 +213,9 @@ fn hol_run(addr: SocketAddr, each: u64, stalled: bool) -> anyhow::Result<(u64, D
     } else {
         None
     };
-    // Give the stalled stream time to fill its window before the clock starts.
+    // Give the stalled stream time to fill its window before the clock starts. This is a
+    // load-generator thread, not a shard.
+    #[allow(clippy::disallowed_methods)]
     std::thread::sleep(Duration::from_millis(if stalled { 300 } else { 0 }));
     let r = timed(|| {
         let handles: Vec<_> = (0..9)
