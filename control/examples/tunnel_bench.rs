@@ -3,7 +3,7 @@
 //! head-of-line figure (nine bulk streams with and without a stalled tenth on one session).
 //! Systems are interleaved over the rounds so drift on a shared machine hits all of them.
 //!
-//! `cargo run --release -p warren-perf --bin tunnel-bench -- [--rounds 3] [--mib 1024] [--out FILE]`
+//! `cargo run --release --example tunnel_bench -- [--rounds 3] [--mib 1024] [--hol-mib 100] [--out FILE]`
 //!
 //! Prints a Markdown report (stamped with commit, kernel, CPU and date) and writes it to
 //! `--out` when given.
@@ -319,7 +319,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut report = format!(
         "# warren compat backend on loopback: single-stream bulk and head-of-line\n\n{}\
-         - command: `cargo run --release -p warren-perf --bin tunnel-bench -- --rounds {rounds} --mib {mib} --hol-mib {hol_mib}`\n\
+         - command: `cargo run --release --example tunnel_bench -- --rounds {rounds} --mib {mib} --hol-mib {hol_mib}`\n\
          - method: one process; blocking std::net visitor and service threads; tunnel server and client \
          in-process with 1 shard each (one session); systems interleaved in each of {rounds} rounds; \
          medians with min-max.\n\n",
