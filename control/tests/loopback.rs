@@ -56,6 +56,11 @@ struct Pair {
 }
 
 async fn start_pair(service: SocketAddr, sessions: usize) -> Pair {
+    start_pair_with(service, sessions, sessions).await
+}
+
+/// `shards` on each side; the client opens `sessions` sessions.
+async fn start_pair_with(service: SocketAddr, shards: usize, sessions: usize) -> Pair {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
         .with_test_writer()
@@ -70,7 +75,7 @@ token = "change-me"
 [server.services.source]
 bind_addr = "127.0.0.1:0"
 [server.tuning]
-shards = {sessions}
+shards = {shards}
 initial_stream_window_bytes = {WINDOW}
 max_stream_window_bytes = {MAX_WINDOW}
 "#
@@ -84,10 +89,11 @@ server_addr = "{}"
 name = "laptop"
 token = "change-me"
 transport = "tcp"
+sessions = {sessions}
 [client.services.source]
 local_addr = "{service}"
 [client.tuning]
-shards = {sessions}
+shards = {shards}
 initial_stream_window_bytes = {WINDOW}
 "#,
         server.session_addr
@@ -235,6 +241,30 @@ async fn visitors_spread_over_one_session_per_shard() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 1 << 20);
     }
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
+    let service = source_service().await;
+    // Two server shards, one client session: every visitor the kernel gives to the other shard
+    // must be handed over, not refused.
+    let p = start_pair_with(service, 2, 1).await;
+    assert_eq!(p.server.shards().total(|s| &s.sessions), 1);
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let public = p.public;
+        tasks.push(tokio::spawn(async move { download(public, 64 * 1024).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 64 * 1024);
+    }
+    let accepted: Vec<u64> = (0..2)
+        .map(|i| p.server.shards().stats(i).visitors_accepted.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(accepted.iter().sum::<u64>(), 32);
+    assert_eq!(p.server.shards().total(|s| &s.visitors_unrouted), 0);
     p.client.shutdown().await;
     p.server.shutdown().await;
 }
