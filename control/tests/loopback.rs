@@ -255,13 +255,21 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
     let mut tasks = Vec::new();
     for _ in 0..32 {
         let public = p.public;
-        tasks.push(tokio::spawn(async move { download(public, 64 * 1024).await }));
+        tasks.push(tokio::spawn(
+            async move { download(public, 64 * 1024).await },
+        ));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 64 * 1024);
     }
     let accepted: Vec<u64> = (0..2)
-        .map(|i| p.server.shards().stats(i).visitors_accepted.load(Ordering::Relaxed))
+        .map(|i| {
+            p.server
+                .shards()
+                .stats(i)
+                .visitors_accepted
+                .load(Ordering::Relaxed)
+        })
         .collect();
     assert_eq!(accepted.iter().sum::<u64>(), 32);
     assert_eq!(p.server.shards().total(|s| &s.visitors_unrouted), 0);
