@@ -1,0 +1,236 @@
+//! An in-process loopback tunnel: `warren`'s server and client started as a library on
+//! 127.0.0.1 port 0 (one shard each, so one session), a local service, and blocking visitors.
+//!
+//! The service speaks a tiny protocol: the visitor sends `[op u8][len u64 BE]`. Op
+//! [`OP_DOWNLOAD`]: the service sends `len` bytes, half-closes, and waits for the visitor to
+//! close. Op [`OP_ECHO`]: the service echoes everything until the visitor half-closes.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use warren::client::Client;
+use warren::config::parse_config;
+use warren::server::Server;
+
+/// Service op: send `len` bytes to the visitor.
+pub const OP_DOWNLOAD: u8 = 0;
+/// Service op: echo until the visitor half-closes.
+pub const OP_ECHO: u8 = 1;
+
+/// Buffer size of the service and the visitors.
+const IO_BUF: usize = 256 * 1024;
+
+/// Which data plane carries the session. Bench groups are named after it, so a backend added
+/// later is measured side by side with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The portable tokio backend (`warren-compat`).
+    Compat,
+}
+
+impl Backend {
+    /// Every backend this build has, in the order benchmarks run them.
+    pub const ALL: &'static [Backend] = &[Backend::Compat];
+
+    /// The name used in benchmark ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Compat => "compat",
+        }
+    }
+}
+
+/// A running tunnel in front of a local benchmark service.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The relay.
+    server: Server,
+    /// The agent.
+    client: Client,
+    /// The service's public address on the server: where visitors connect.
+    pub public: SocketAddr,
+    /// The service itself, for direct (untunnelled) comparisons.
+    pub service: SocketAddr,
+}
+
+impl Tunnel {
+    /// Starts the service, the server and the client, and waits until the session is
+    /// registered on the server, so the first visitor is tunnelled at once.
+    pub async fn start(backend: Backend) -> Result<Tunnel, String> {
+        // Only the compat backend exists; a new variant must choose itself in the configs
+        // below, and this match makes the compiler say so.
+        match backend {
+            Backend::Compat => {}
+        }
+        let service = start_service().map_err(|e| format!("starting the service: {e}"))?;
+        let server_toml = r#"
+[server]
+bind_addr = "127.0.0.1:0"
+transport = "tcp"
+[server.clients.bench]
+token = "bench-token"
+[server.services.bench]
+bind_addr = "127.0.0.1:0"
+[server.tuning]
+shards = 1
+"#;
+        let cfg = parse_config(server_toml)
+            .map_err(|e| format!("server config: {e}"))?
+            .server
+            .ok_or("no [server] in the server config")?;
+        let server = Server::start(cfg)
+            .await
+            .map_err(|e| format!("starting the server: {e:#}"))?;
+        let client_toml = format!(
+            r#"
+[client]
+server_addr = "{}"
+name = "bench"
+token = "bench-token"
+transport = "tcp"
+[client.services.bench]
+local_addr = "{service}"
+[client.tuning]
+shards = 1
+"#,
+            server.session_addr
+        );
+        let cfg = parse_config(&client_toml)
+            .map_err(|e| format!("client config: {e}"))?
+            .client
+            .ok_or("no [client] in the client config")?;
+        let client = Client::start(cfg)
+            .await
+            .map_err(|e| format!("starting the client: {e:#}"))?;
+        if !client.wait_connected(1, Duration::from_secs(10)).await {
+            return Err("the client did not connect within 10 s".into());
+        }
+        // The client counts its session once handed to its shard; the server registers it a
+        // moment later on its own shard.
+        for _ in 0..500 {
+            if server.shards().board().sessions_for("bench") > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let public = server.service_addrs["bench"];
+        Ok(Tunnel {
+            server,
+            client,
+            public,
+            service,
+        })
+    }
+
+    /// Graceful stop of both ends.
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+        self.server.shutdown().await;
+    }
+}
+
+/// The benchmark service on a thread per connection. Runs until the process exits.
+fn start_service() -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || serve(s));
+        }
+    });
+    Ok(addr)
+}
+
+fn serve(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut head = [0u8; 9];
+    if s.read_exact(&mut head).is_err() {
+        return;
+    }
+    let len = u64::from_be_bytes(head[1..].try_into().unwrap_or([0; 8]));
+    let mut buf = vec![0x5au8; IO_BUF];
+    match head[0] {
+        OP_DOWNLOAD => {
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            let _ = s.shutdown(Shutdown::Write);
+            // Wait for the visitor to close, so teardown is not part of the next measurement.
+            let _ = s.read(&mut buf);
+        }
+        OP_ECHO => loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        },
+        _ => {}
+    }
+}
+
+/// Connects a visitor to `addr` and asks for `op` with `len`.
+fn visit(addr: SocketAddr, op: u8, len: u64) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut head = [0u8; 9];
+    head[0] = op;
+    head[1..].copy_from_slice(&len.to_be_bytes());
+    s.write_all(&head)?;
+    Ok(s)
+}
+
+/// Downloads `len` bytes through `addr` with a new visitor connection; fails unless exactly
+/// `len` bytes arrive before the service's half-close.
+pub fn download(addr: SocketAddr, len: u64) -> std::io::Result<u64> {
+    let mut s = visit(addr, OP_DOWNLOAD, len)?;
+    let mut buf = vec![0u8; IO_BUF];
+    let mut got = 0u64;
+    loop {
+        match s.read(&mut buf)? {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    if got != len {
+        return Err(std::io::Error::other(format!(
+            "download got {got} of {len} bytes"
+        )));
+    }
+    Ok(got)
+}
+
+/// A visitor connection to the echo op, kept open across round trips.
+#[derive(Debug)]
+pub struct Echo {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Echo {
+    /// Connects through `addr` and completes one round trip, so the stream is open end to end.
+    pub fn connect(addr: SocketAddr, msg_len: usize) -> std::io::Result<Echo> {
+        let mut e = Echo {
+            stream: visit(addr, OP_ECHO, 0)?,
+            buf: vec![0x42u8; msg_len],
+        };
+        e.round_trip()?;
+        Ok(e)
+    }
+
+    /// Sends the message and reads it back whole.
+    pub fn round_trip(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&self.buf)?;
+        self.stream.read_exact(&mut self.buf)
+    }
+}
