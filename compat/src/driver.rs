@@ -24,6 +24,7 @@ use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
 
 use crate::clock::now;
 use crate::shard::{LocalService, SessionEnd, SessionHandoff, SessionRole, Shard};
+use crate::short_io::ShortIo;
 use crate::transport::{ReadOutcome, SessionIo};
 
 /// Bytes of frames produced per transmit call before the socket gets them.
@@ -254,7 +255,10 @@ async fn run_session(
                     handle,
                     &format!("writing to the session socket: {e}"),
                 );
-                continue;
+                // Nothing more can be written. Retrying the flush (the output is still
+                // pending) would spin without yielding and wedge the shard.
+                let why = handle.core.borrow().session.error().map(|e| e.to_string());
+                break Err(why.unwrap_or_else(|| e.to_string()));
             }
         }
         if let Some(e) = closed {
@@ -440,6 +444,7 @@ async fn run_stream(
     let mut read_done = false;
     let mut write_done = false;
     let mut rbuf = BytesMut::new();
+    let mut short = ShortIo::default();
     let outcome: Result<(), (ResetCode, String)> = loop {
         let cap = {
             let mut core = handle.core.borrow_mut();
@@ -482,7 +487,8 @@ async fn run_stream(
                 let Some(chunk) = pending.as_mut() else {
                     continue;
                 };
-                match sock.try_write(chunk) {
+                let n = short.cap(chunk.len());
+                match sock.try_write(&chunk[..n]) {
                     Ok(n) => {
                         chunk.advance(n);
                         if chunk.is_empty() {
@@ -495,7 +501,7 @@ async fn run_stream(
             }
             Ok(StreamWake::Readable) => {
                 rbuf.reserve(cap.min(shard.read_buffer));
-                let limit = cap.min(shard.read_buffer);
+                let limit = short.cap(cap.min(shard.read_buffer));
                 let mut limited = bytes::BufMut::limit(&mut rbuf, limit);
                 match sock.try_read_buf(&mut limited) {
                     Ok(0) => {

@@ -14,6 +14,7 @@ pub mod clock;
 mod driver;
 pub mod listener;
 mod shard;
+mod short_io;
 pub mod transport;
 
 pub use shard::{

@@ -11,6 +11,8 @@ use std::io::{self, Read, Write};
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::short_io::ShortIo;
+
 /// TLS state of a session, when it has one.
 pub type TlsConn = rustls::Connection;
 
@@ -21,6 +23,8 @@ pub struct SessionIo {
     tls: Option<Box<TlsConn>>,
     /// Encoded bytes waiting for the socket (plain mode only; rustls keeps its own).
     out: BytesMut,
+    /// Short-I/O injection for tests; zero-sized and inert in normal builds.
+    short: ShortIo,
 }
 
 /// What [`SessionIo::read_into`] saw.
@@ -48,16 +52,18 @@ pub struct SessionParts {
 /// Largest plaintext read per call, so one busy session cannot starve the shard's other work.
 const READ_BUDGET: usize = 1024 * 1024;
 
-struct SockReader<'a>(&'a TcpStream);
+struct SockReader<'a>(&'a TcpStream, &'a mut ShortIo);
 impl Read for SockReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        let n = self.1.cap(buf.len());
+        self.0.try_read(&mut buf[..n])
     }
 }
-struct SockWriter<'a>(&'a TcpStream);
+struct SockWriter<'a>(&'a TcpStream, &'a mut ShortIo);
 impl Write for SockWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
+        let n = self.1.cap(buf.len());
+        self.0.try_write(&buf[..n])
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -78,6 +84,7 @@ impl SessionIo {
             sock,
             tls: tls.map(Box::new),
             out: BytesMut::new(),
+            short: ShortIo::default(),
         }
     }
 
@@ -90,6 +97,7 @@ impl SessionIo {
                 sock,
                 tls: parts.tls,
                 out: BytesMut::new(),
+                short: ShortIo::default(),
             },
             parts.leftover,
         ))
@@ -131,7 +139,7 @@ impl SessionIo {
             let mut got = 0;
             while got < READ_BUDGET {
                 plain.reserve(64 * 1024);
-                match self.sock.try_read_buf(plain) {
+                match self.sock.try_read_buf(&mut self.short.read_buf(plain)) {
                     Ok(0) => {
                         return Ok(if got == 0 {
                             ReadOutcome::Eof
@@ -153,7 +161,7 @@ impl SessionIo {
         let mut got = 0;
         let mut eof = false;
         while got < READ_BUDGET {
-            match tls.read_tls(&mut SockReader(&self.sock)) {
+            match tls.read_tls(&mut SockReader(&self.sock, &mut self.short)) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -214,7 +222,8 @@ impl SessionIo {
         match self.tls.as_mut() {
             None => {
                 while !self.out.is_empty() {
-                    match self.sock.try_write(&self.out) {
+                    let n = self.short.cap(self.out.len());
+                    match self.sock.try_write(&self.out[..n]) {
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(n) => self.out.advance(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -229,7 +238,7 @@ impl SessionIo {
             }
             Some(tls) => {
                 while tls.wants_write() {
-                    match tls.write_tls(&mut SockWriter(&self.sock)) {
+                    match tls.write_tls(&mut SockWriter(&self.sock, &mut self.short)) {
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
