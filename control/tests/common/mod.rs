@@ -210,7 +210,7 @@ impl Warren {
 
     /// Sends SIGTERM: the graceful stop systemd uses.
     pub fn terminate(&self) {
-        signal(self.pid(), libc::SIGTERM);
+        signal(self.pid(), "TERM");
     }
 
     /// Waits for the process to exit on its own; `None` if it is still running after `limit`.
@@ -272,39 +272,29 @@ fn addr_field(line: &str, key: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("field {key}={v:?} in {line:?} is not an address: {e}"))
 }
 
-#[allow(unsafe_code)]
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is a child this
-    // test spawned and has not reaped, so the id cannot have been reused by another process.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
+/// Sends `sig` (a name such as `TERM`) to `pid` with kill(1): no `unsafe` outside the data
+/// plane, not even in tests. `pid` is a child this test spawned and has not reaped, so the id
+/// cannot have been reused by another process.
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("running kill -{sig} {pid}: {e}"));
+    assert!(status.success(), "kill -{sig} {pid}: {status}");
 }
 
 /// Raises this process's soft open-file limit to at least `want` (up to the hard limit), so
-/// thousands of test sockets fit. Child processes inherit it.
-#[allow(unsafe_code)]
-pub fn raise_fd_limit(want: libc::rlim_t) -> libc::rlim_t {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` through a pointer to a live, aligned local.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
-    let target = want.min(lim.rlim_max);
-    if lim.rlim_cur < target {
-        lim.rlim_cur = target;
-        // SAFETY: setrlimit reads one `rlimit` through a pointer to a live, aligned local.
-        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-        assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+/// thousands of test sockets fit. Child processes inherit it. Returns the soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get().expect("getrlimit(RLIMIT_NOFILE)");
+    let target = want.min(hard);
+    if soft < target {
+        Resource::NOFILE
+            .set(target, hard)
+            .unwrap_or_else(|e| panic!("setrlimit(RLIMIT_NOFILE, {target}, {hard}): {e}"));
     }
-    lim.rlim_cur.max(target)
+    soft.max(target)
 }
 
 // ---- server and client --------------------------------------------------------------------
