@@ -1,0 +1,225 @@
+"""The systems perf/compare measures: how to configure, start and stop each one on loopback.
+
+Every system exposes the three warren-load backends (sink, echo, http) on three public ports.
+`start()` returns once a probe round trip works through each public port.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from common import Proc, log, sh, wait_functional
+
+BACKENDS = ("sink", "echo", "http")
+TOKEN = "warren-perf-token-0123456789abcdef"
+
+
+class System:
+    name = "?"
+    label = "?"
+    tunnel = True  # has tunnel processes whose CPU and RSS we measure
+
+    def __init__(self, ctx):
+        self.ctx = ctx  # dict: tools, warren, backends {kind: port}, tmp
+        self.procs = []
+        self.public = {}
+
+    def available(self):
+        return None  # or a reason string why not
+
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def _dir(self, base_port):
+        d = os.path.join(self.ctx["tmp"], f"{self.name}-{base_port}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def start(self, base_port):
+        """base_port: a free block of 10 ports; [0] control, [1..3] public sink/echo/http."""
+        self.public = {k: base_port + 1 + i for i, k in enumerate(BACKENDS)}
+        self.dir = self._dir(base_port)
+        self._start(base_port)
+        if not wait_functional(self.public, timeout=30, procs=self.procs):
+            logs = "\n".join(f"--- {p.name}\n{p.log_text()[-1500:]}" for p in self.procs)
+            self.stop()
+            raise RuntimeError(f"{self.name} did not come up\n{logs}")
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs = []
+        self._cleanup()
+
+    def _cleanup(self):
+        pass
+
+    def tool(self, name):
+        p = os.path.join(self.ctx["tools"], "bin", name)
+        return p if os.path.exists(p) else None
+
+
+class Direct(System):
+    name, label, tunnel = "direct", "direct (no tunnel)", False
+
+    def start(self, base_port):
+        self.public = dict(self.ctx["backends"])
+
+
+class KernelNat(System):
+    name, label, tunnel = "nat", "kernel NAT (nftables redirect)", False
+    TABLE = "warren_perf"
+
+    def available(self):
+        if os.geteuid() != 0:
+            return "needs root"
+        if not shutil.which("nft"):
+            return "nft not installed"
+        r = sh(["nft", "list", "tables"])
+        if r.returncode != 0:
+            return f"nft unusable: {r.stderr.strip()[:200]}"
+        return None
+
+    def _start(self, base_port):
+        sh(["nft", "delete", "table", "ip", self.TABLE])
+        rules = [f"add table ip {self.TABLE}",
+                 f"add chain ip {self.TABLE} out {{ type nat hook output priority -100 ; }}"]
+        for k, pub in self.public.items():
+            rules.append(f"add rule ip {self.TABLE} out ip daddr 127.0.0.1 tcp dport {pub} "
+                         f"redirect to :{self.ctx['backends'][k]}")
+        r = subprocess.run(["nft", "-f", "-"], input="\n".join(rules) + "\n", text=True,
+                           capture_output=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nft: {r.stderr.strip()}")
+
+    def _cleanup(self):
+        sh(["nft", "delete", "table", "ip", self.TABLE])
+
+
+class Warren(System):
+    def __init__(self, ctx, transport):
+        super().__init__(ctx)
+        self.transport = transport
+        self.name = f"warren-{transport}"
+        self.label = f"warren ({transport})"
+
+    def available(self):
+        return None if os.path.exists(self.ctx["warren"]) else "warren binary missing"
+
+    def _start(self, base_port):
+        d = self.dir
+        srv = [f"[server]\nbind_addr = \"127.0.0.1:{base_port}\"\ntransport = \"{self.transport}\"\n"
+               f"state_dir = \"{d}/state\"\n\n[server.clients.perf]\ntoken = \"{TOKEN}\"\n"]
+        cli = [f"[client]\nserver_addr = \"127.0.0.1:{base_port}\"\nname = \"perf\"\ntoken = \"{TOKEN}\"\n"
+               f"transport = \"{self.transport}\"\n@FP@\n"]
+        for k in BACKENDS:
+            srv.append(f"[server.services.{k}]\nbind_addr = \"127.0.0.1:{self.public[k]}\"\n")
+            cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")
+        with open(f"{d}/server.toml", "w") as f:
+            f.write("\n".join(srv))
+        s = Proc(f"{self.name}-server", [self.ctx["warren"], "server", "-c", f"{d}/server.toml"], d)
+        self.procs.append(s)
+        fp = ""
+        if self.transport == "tls":
+            end = time.time() + 20
+            m = None
+            while time.time() < end and s.alive():
+                m = re.search(r'server_fingerprint = \\?"(sha256:[0-9A-Fa-f:]+)', s.log_text())
+                if m:
+                    break
+                time.sleep(0.1)
+            if not m:
+                raise RuntimeError(f"warren tls: no fingerprint in server log:\n{s.log_text()[-1500:]}")
+            fp = f'server_fingerprint = "{m.group(1)}"'
+        with open(f"{d}/client.toml", "w") as f:
+            f.write("\n".join(cli).replace("@FP@", fp))
+        from common import wait_port
+        wait_port("127.0.0.1", base_port, 15)
+        self.procs.append(Proc(f"{self.name}-client",
+                               [self.ctx["warren"], "client", "-c", f"{d}/client.toml"], d))
+
+
+class Rathole(System):
+    def __init__(self, ctx, noise):
+        super().__init__(ctx)
+        self.noise = noise
+        self.name = "rathole-noise" if noise else "rathole"
+        self.label = "rathole 0.5.0 (Noise)" if noise else "rathole 0.5.0 (TCP)"
+
+    def available(self):
+        return None if self.tool("rathole") else "rathole not installed"
+
+    def _start(self, base_port):
+        d, bin_ = self.dir, self.tool("rathole")
+        st = ct = "[server.transport]\ntype = \"tcp\"\n"
+        ct = "[client.transport]\ntype = \"tcp\"\n"
+        if self.noise:
+            out = sh([bin_, "--genkey"]).stdout
+            keys = re.findall(r"^\s*([A-Za-z0-9+/=]{40,})\s*$", out, re.M)
+            if len(keys) < 2:
+                raise RuntimeError(f"rathole --genkey: unexpected output {out!r}")
+            priv, pub = keys[0], keys[1]
+            st = f"[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{priv}\"\n"
+            ct = f"[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{pub}\"\n"
+        srv = [f"[server]\nbind_addr = \"127.0.0.1:{base_port}\"\ndefault_token = \"{TOKEN}\"\n", st]
+        cli = [f"[client]\nremote_addr = \"127.0.0.1:{base_port}\"\ndefault_token = \"{TOKEN}\"\n", ct]
+        for k in BACKENDS:
+            srv.append(f"[server.services.{k}]\nbind_addr = \"127.0.0.1:{self.public[k]}\"\n")
+            cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")
+        with open(f"{d}/server.toml", "w") as f:
+            f.write("\n".join(srv))
+        with open(f"{d}/client.toml", "w") as f:
+            f.write("\n".join(cli))
+        env = dict(os.environ, RUST_LOG="warn")
+        self.procs.append(Proc(f"{self.name}-server", [bin_, "--server", f"{d}/server.toml"], d, env))
+        from common import wait_port
+        wait_port("127.0.0.1", base_port, 15)
+        self.procs.append(Proc(f"{self.name}-client", [bin_, "--client", f"{d}/client.toml"], d, env))
+
+
+class Bore(System):
+    name, label = "bore", "bore 0.6.0"
+
+    def available(self):
+        return None if self.tool("bore") else "bore not installed"
+
+    def _start(self, base_port):
+        d, bin_ = self.dir, self.tool("bore")
+        env = dict(os.environ, RUST_LOG="warn")
+        # bore's control port is fixed (7835); public ports come from --min-port..--max-port.
+        self.procs.append(Proc("bore-server",
+                               [bin_, "server", "--bind-addr", "127.0.0.1", "--min-port", str(base_port + 1),
+                                "--max-port", str(base_port + 3), "--secret", TOKEN], d, env))
+        from common import wait_port
+        wait_port("127.0.0.1", 7835, 15)
+        for k in BACKENDS:
+            self.procs.append(Proc(f"bore-client-{k}",
+                                   [bin_, "local", str(self.ctx["backends"][k]), "--local-host", "127.0.0.1", "--to", "127.0.0.1",
+                                    "--port", str(self.public[k]), "--secret", TOKEN], d, env))
+
+
+class Ferro(System):
+    name, label = "ferrotunnel", "FerroTunnel 1.5.2"
+
+    def available(self):
+        return None if self.tool("ferrotunnel") else "ferrotunnel not installed"
+
+    def _start(self, base_port):
+        d, bin_ = self.dir, self.tool("ferrotunnel")
+        env = dict(os.environ, RUST_LOG="warn")
+        args = self.ctx.get("ferro_args")
+        if not args:
+            raise RuntimeError("ferrotunnel: flags not configured (see perf/lib/systems.py)")
+        server_argv, client_argv = args(bin_, base_port, self.public, self.ctx["backends"], TOKEN)
+        self.procs.append(Proc("ferrotunnel-server", server_argv, d, env))
+        from common import wait_port
+        wait_port("127.0.0.1", base_port, 15)
+        for k, argv in client_argv.items():
+            self.procs.append(Proc(f"ferrotunnel-client-{k}", argv, d, env))
+
+
+def all_systems(ctx):
+    return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
+            Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls")]
