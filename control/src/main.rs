@@ -1,4 +1,4 @@
-//! The `warren` binary: `server`, `client`, `check` and `demo`.
+//! The `warren` binary: `server`, `client`, `check`, `demo` and `bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,14 +39,52 @@ enum Command {
     /// Server, client and a demo web service in one process on loopback; fetches one page
     /// through the tunnel and runs until Ctrl-C.
     Demo,
+    /// Self-test: server, client, a sink and an echo service in one process on loopback;
+    /// measures bulk throughput both ways, request-response latency and CPU per GB with the
+    /// tuning of FILE (or the defaults).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Config file whose [server.tuning] / [client.tuning] to use (one of them is used for
+    /// both roles when the other is absent). Without it: the defaults.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Bytes per bulk stream, each direction (KiB/MiB/GiB or KB/MB/GB suffixes).
+    #[arg(long, default_value = "1GiB", value_parser = warren_perf::bulk::parse_bytes)]
+    bytes: u64,
+    /// Concurrent bulk streams, each direction.
+    #[arg(long, default_value_t = 1)]
+    streams: u32,
+    /// Measured length of the request-response phase (after a short warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    rr_seconds: f64,
+    /// Payload bytes per round trip, each way.
+    #[arg(long, default_value_t = 64)]
+    rr_size: usize,
+    /// Request-response connections, one round trip outstanding on each.
+    #[arg(long, default_value_t = 1)]
+    rr_connections: u32,
+    /// Session transport between the in-process client and server.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "tls"])]
+    transport: String,
+    /// Print one JSON object on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The bench's own tunnel logs would tear its progress bar; only errors show by default.
+    let default_filter = match cli.command {
+        Command::Bench(_) => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -56,6 +94,7 @@ fn main() -> ExitCode {
         Command::Server { config } => run(|rt| rt.block_on(server(config))),
         Command::Client { config } => run(|rt| rt.block_on(client(config))),
         Command::Demo => run(|rt| rt.block_on(warren::demo::run())),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,6 +139,37 @@ async fn client(path: PathBuf) -> anyhow::Result<()> {
     info!("draining");
     client.shutdown().await;
     Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if !(args.rr_seconds > 0.0 && args.rr_seconds <= 86_400.0) {
+        anyhow::bail!("--rr-seconds must be above 0 and at most a day");
+    }
+    let options = warren::bench::BenchOptions {
+        config: args.config,
+        bytes: args.bytes,
+        streams: args.streams,
+        rr_duration: std::time::Duration::from_secs_f64(args.rr_seconds),
+        rr_size: args.rr_size,
+        rr_connections: args.rr_connections,
+        transport: if args.transport == "tls" {
+            warren::config::Transport::Tls
+        } else {
+            warren::config::Transport::Tcp
+        },
+        progress: true,
+    };
+    let result = warren::bench::run(&options)?;
+    if args.json {
+        println!("{}", result.to_json());
+    } else {
+        print!("{}", result.render());
+    }
+    match result.errors() {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} bench operation(s) failed (see error_samples)"),
+    }
 }
 
 #[allow(clippy::print_stdout)]
