@@ -174,6 +174,8 @@ impl BenchResult {
                 "seconds": c.seconds,
                 "bytes": c.bytes,
                 "seconds_per_gb": c.seconds_per_gb(),
+                // false when under 0.2 s of CPU: 10 ms ticks dominate the figure.
+                "precise": c.caveat().is_empty(),
             })
         };
         let r = &self.cpu_rr;
@@ -181,6 +183,7 @@ impl BenchResult {
             "seconds": r.seconds,
             "round_trips": r.ops,
             "us_per_round_trip": r.us_per_op(),
+            "precise": r.caveat().is_empty(),
         });
         let report = |r: &Report| serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
         json!({
