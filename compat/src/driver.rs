@@ -159,16 +159,25 @@ pub(crate) fn spawn_session(shard: Rc<Shard>, h: SessionHandoff) {
                 shard.board.remove(s, shard.index);
             }
         }
-        let side = match role_kind {
-            Role::Server => "client",
-            Role::Client => "server",
+        // Whose fault: the core knows whether the peer broke a rule (or went silent) or the
+        // connection itself failed.
+        let peer_fault = handle
+            .core
+            .borrow()
+            .session
+            .error()
+            .is_some_and(|e| e.is_peer_fault());
+        let side = match (peer_fault, role_kind) {
+            (true, Role::Server) => "client side",
+            (true, Role::Client) => "server side",
+            (false, _) => "connection",
         };
         match &result {
             Ok(()) => {
                 info!(session = handle.id, peer = %handle.peer_name, "session closed cleanly")
             }
             Err(e) => {
-                warn!(session = handle.id, peer = %handle.peer_name, "session ended ({side} side): {e}")
+                warn!(session = handle.id, peer = %handle.peer_name, "session ended ({side}): {e}")
             }
         }
         if let Some(done) = done {

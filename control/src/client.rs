@@ -281,8 +281,10 @@ async fn connect(ctx: &Ctx, index: u16) -> anyhow::Result<Connected> {
         Role::Client,
         &cfg.tuning,
         accepted.params,
-        u64::from(accepted.keepalive_interval_ms),
-        u64::from(accepted.idle_timeout_ms),
+        // Each side probes on its own schedule: the client's keys govern its PINGs and how
+        // long it waits for a silent server; the server's values govern the server.
+        cfg.keepalive_interval_ms,
+        cfg.idle_timeout_ms,
     );
     let (done_tx, done_rx) = oneshot::channel();
     let handoff = SessionHandoff {

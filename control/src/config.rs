@@ -390,7 +390,8 @@ pub struct Tuning {
     /// `quantum_bytes`: bytes a stream may send per round-robin turn before the next stream
     /// gets to send (1 KiB to 16 MiB).
     pub quantum_bytes: u32,
-    /// `read_buffer_bytes`: size of one session read buffer (4 KiB to 4 MiB).
+    /// `read_buffer_bytes`: bytes read from a visitor or service socket per read, and half of
+    /// what one stream may queue for sending (4 KiB to 4 MiB).
     pub read_buffer_bytes: u32,
     /// `max_streams_per_session`: concurrent streams per session. Extra OPENs are refused
     /// (1 to 1,000,000).

@@ -240,7 +240,17 @@ async fn a_thousand_concurrent_visitors_each_get_their_own_echo() {
     let stats = Arc::new(EchoStats::default());
     let echo = echo_service(stats.clone()).await;
     let dir = TestDir::new("thousand");
-    let (server, _client) = tunnel_for(&dir, echo);
+    // One shard on each side, so all 1000 streams share a single session.
+    let server = Server::start(
+        &dir,
+        ServerSpec {
+            services: &["svc"],
+            shards: 1,
+            ..ServerSpec::default()
+        },
+    );
+    let config = server.client_config(&dir, &[("svc", echo)]);
+    let _client = server.connect_client("client", &config, 0);
     let public = server.public("svc");
 
     // Nobody closes before every visitor has its echo back: all 1000 are open at once.
