@@ -452,7 +452,6 @@ async fn run_stream(
     let mut pending: Option<Bytes> = None;
     let mut read_done = false;
     let mut write_done = false;
-    let mut rbuf = BytesMut::new();
     let mut short = ShortIo::default();
     let outcome: Result<(), (ResetCode, String)> = loop {
         let cap = {
@@ -509,7 +508,9 @@ async fn run_stream(
                 }
             }
             Ok(StreamWake::Readable) => {
-                rbuf.reserve(cap.min(shard.read_buffer));
+                // A fresh buffer per read, handed whole to the core: between reads an idle
+                // stream holds no buffer at all.
+                let mut rbuf = BytesMut::with_capacity(cap.min(shard.read_buffer));
                 let limit = short.cap(cap.min(shard.read_buffer));
                 let mut limited = bytes::BufMut::limit(&mut rbuf, limit);
                 match sock.try_read_buf(&mut limited) {
@@ -519,7 +520,7 @@ async fn run_stream(
                         handle.tx.notify_one();
                     }
                     Ok(_) => {
-                        let data = rbuf.split().freeze();
+                        let data = rbuf.freeze();
                         let mut core = handle.core.borrow_mut();
                         if let Err(e) = core.session.stream_write(id, data) {
                             break Err((ResetCode::Internal, e.to_string()));
