@@ -201,6 +201,8 @@ class Bore(System):
 
 
 class Ferro(System):
+    """FerroTunnel's TCP ingress routes every connection of a server's one `--tcp-bind` listener
+    to its (first) client, so each service gets its own server + client pair."""
     name, label = "ferrotunnel", "FerroTunnel 1.5.2"
 
     def available(self):
@@ -209,15 +211,22 @@ class Ferro(System):
     def _start(self, base_port):
         d, bin_ = self.dir, self.tool("ferrotunnel")
         env = dict(os.environ, RUST_LOG="warn")
-        args = self.ctx.get("ferro_args")
-        if not args:
-            raise RuntimeError("ferrotunnel: flags not configured (see perf/lib/systems.py)")
-        server_argv, client_argv = args(bin_, base_port, self.public, self.ctx["backends"], TOKEN)
-        self.procs.append(Proc("ferrotunnel-server", server_argv, d, env))
+        tok = os.path.join(d, "token")
+        with open(tok, "w") as f:
+            f.write(TOKEN + "\n")
         from common import wait_port
-        wait_port("127.0.0.1", base_port, 15)
-        for k, argv in client_argv.items():
-            self.procs.append(Proc(f"ferrotunnel-client-{k}", argv, d, env))
+        for i, k in enumerate(BACKENDS):
+            ctl = base_port if i == 0 else base_port + 3 + i  # base, base+4, base+5
+            http = base_port + 6 + i                           # HTTP ingress, unused
+            self.procs.append(Proc(f"ferrotunnel-server-{k}",
+                                   [bin_, "server", "--bind", f"127.0.0.1:{ctl}", "--token-file", tok,
+                                    "--http-bind", f"127.0.0.1:{http}",
+                                    "--tcp-bind", f"127.0.0.1:{self.public[k]}"], d, env))
+            wait_port("127.0.0.1", ctl, 15)
+            self.procs.append(Proc(f"ferrotunnel-client-{k}",
+                                   [bin_, "client", "--server", f"127.0.0.1:{ctl}", "--token", TOKEN,
+                                    "--local-addr", f"127.0.0.1:{self.ctx['backends'][k]}",
+                                    "--no-dashboard"], d, env))
 
 
 def all_systems(ctx):
