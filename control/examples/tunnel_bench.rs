@@ -253,7 +253,7 @@ fn stamp() -> String {
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
-        "- commit: {}{}\n- kernel: {}\n- CPU: {cpu} ({cores} cores available)\n- date: {}\n",
+        "- commit: {}{}\n- kernel: {}\n- CPU: {cpu} ({cores} cores available)\n- date: {}\n- load average at the end (1/5/15 min): {}\n",
         cmd("git", &["rev-parse", "--short", "HEAD"]),
         if cmd("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
             ""
@@ -262,6 +262,9 @@ fn stamp() -> String {
         },
         cmd("uname", &["-sr"]),
         cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into()),
     )
 }
 
