@@ -7,11 +7,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
 
-use warren::client::Client;
-use warren::config::parse_config;
-use warren::server::Server;
+use warren::loopback::{Pair, PairSpec};
 
 /// Service op: send `len` bytes to the visitor.
 pub const OP_DOWNLOAD: u8 = 0;
@@ -44,10 +41,8 @@ impl Backend {
 /// A running tunnel in front of a local benchmark service.
 #[derive(Debug)]
 pub struct Tunnel {
-    /// The relay.
-    server: Server,
-    /// The agent.
-    client: Client,
+    /// The server and client.
+    pair: Pair,
     /// The service's public address on the server: where visitors connect.
     pub public: SocketAddr,
     /// The service itself, for direct (untunnelled) comparisons.
@@ -64,60 +59,15 @@ impl Tunnel {
             Backend::Compat => {}
         }
         let service = start_service().map_err(|e| format!("starting the service: {e}"))?;
-        let server_toml = r#"
-[server]
-bind_addr = "127.0.0.1:0"
-transport = "tcp"
-[server.clients.bench]
-token = "bench-token"
-[server.services.bench]
-bind_addr = "127.0.0.1:0"
-[server.tuning]
-shards = 1
-"#;
-        let cfg = parse_config(server_toml)
-            .map_err(|e| format!("server config: {e}"))?
-            .server
-            .ok_or("no [server] in the server config")?;
-        let server = Server::start(cfg)
-            .await
-            .map_err(|e| format!("starting the server: {e:#}"))?;
-        let client_toml = format!(
-            r#"
-[client]
-server_addr = "{}"
-name = "bench"
-token = "bench-token"
-transport = "tcp"
-[client.services.bench]
-local_addr = "{service}"
-[client.tuning]
-shards = 1
-"#,
-            server.session_addr
-        );
-        let cfg = parse_config(&client_toml)
-            .map_err(|e| format!("client config: {e}"))?
-            .client
-            .ok_or("no [client] in the client config")?;
-        let client = Client::start(cfg)
-            .await
-            .map_err(|e| format!("starting the client: {e:#}"))?;
-        if !client.wait_connected(1, Duration::from_secs(10)).await {
-            return Err("the client did not connect within 10 s".into());
-        }
-        // The client counts its session once handed to its shard; the server registers it a
-        // moment later on its own shard.
-        for _ in 0..500 {
-            if server.shards().board().sessions_for("bench") > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let public = server.service_addrs["bench"];
+        let pair = Pair::start(PairSpec {
+            services: &[("bench", service)],
+            ..PairSpec::default()
+        })
+        .await
+        .map_err(|e| format!("starting the tunnel: {e:#}"))?;
+        let public = pair.public("bench");
         Ok(Tunnel {
-            server,
-            client,
+            pair,
             public,
             service,
         })
@@ -125,8 +75,7 @@ shards = 1
 
     /// Graceful stop of both ends.
     pub async fn shutdown(self) {
-        self.client.shutdown().await;
-        self.server.shutdown().await;
+        self.pair.shutdown().await;
     }
 }
 

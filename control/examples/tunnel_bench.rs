@@ -13,9 +13,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use warren::client::Client;
-use warren::config::parse_config;
-use warren::server::Server;
+use warren::loopback::{Pair, PairSpec};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -116,74 +114,19 @@ fn transfer(addr: SocketAddr, dir: Dir, len: u64) -> anyhow::Result<u64> {
 }
 
 struct Tunnel {
-    server: Server,
-    client: Client,
+    pair: Pair,
     public: SocketAddr,
 }
 
 async fn start_tunnel(service: SocketAddr, tls: bool) -> anyhow::Result<Tunnel> {
-    let state = std::env::temp_dir().join(format!("warren-bench-{}", std::process::id()));
-    let transport = if tls { "tls" } else { "tcp" };
-    let server_toml = format!(
-        r#"
-[server]
-bind_addr = "127.0.0.1:0"
-transport = "{transport}"
-state_dir = "{}"
-[server.clients.bench]
-token = "bench-token"
-[server.services.bench]
-bind_addr = "127.0.0.1:0"
-[server.tuning]
-shards = 1
-"#,
-        state.display()
-    );
-    let cfg = parse_config(&server_toml)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .server
-        .context("no [server]")?;
-    let server = Server::start(cfg).await?;
-    let pin = match server.fingerprint {
-        Some(f) => format!("server_fingerprint = \"{f}\"\nserver_name = \"localhost\""),
-        None => String::new(),
-    };
-    let client_toml = format!(
-        r#"
-[client]
-server_addr = "{}"
-name = "bench"
-token = "bench-token"
-transport = "{transport}"
-{pin}
-[client.services.bench]
-local_addr = "{service}"
-[client.tuning]
-shards = 1
-"#,
-        server.session_addr
-    );
-    let cfg = parse_config(&client_toml)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .client
-        .context("no [client]")?;
-    let client = Client::start(cfg).await?;
-    if !client.wait_connected(1, Duration::from_secs(10)).await {
-        bail!("bench client did not connect");
-    }
-    // The server registers the session on its shard just after the client counts it.
-    for _ in 0..500 {
-        if server.shards().board().sessions_for("bench") > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let public = server.service_addrs["bench"];
-    Ok(Tunnel {
-        server,
-        client,
-        public,
+    let pair = Pair::start(PairSpec {
+        services: &[("bench", service)],
+        tls,
+        ..PairSpec::default()
     })
+    .await?;
+    let public = pair.public("bench");
+    Ok(Tunnel { pair, public })
 }
 
 #[allow(clippy::disallowed_methods)] // a benchmark measures wall time
@@ -364,10 +307,8 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&path, &report).with_context(|| format!("writing {path}"))?;
     }
     rt.block_on(async {
-        plain.client.shutdown().await;
-        plain.server.shutdown().await;
-        tls.client.shutdown().await;
-        tls.server.shutdown().await;
+        plain.pair.shutdown().await;
+        tls.pair.shutdown().await;
     });
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod loopback;
 pub mod server;
 pub mod setup;
 pub mod signals;

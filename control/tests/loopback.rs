@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use warren::client::Client;
-use warren::config::parse_config;
-use warren::server::Server;
+use warren::loopback::PairSpec;
 
 const WINDOW: u32 = 256 * 1024;
 const MAX_WINDOW: u32 = 4 * 1024 * 1024;
@@ -50,8 +48,7 @@ fn pattern_block() -> Vec<u8> {
 }
 
 struct Pair {
-    server: Server,
-    client: Client,
+    inner: warren::loopback::Pair,
     public: SocketAddr,
 }
 
@@ -65,61 +62,19 @@ async fn start_pair_with(service: SocketAddr, shards: usize, sessions: usize) ->
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
         .with_test_writer()
         .try_init();
-    let server_toml = format!(
-        r#"
-[server]
-bind_addr = "127.0.0.1:0"
-transport = "tcp"
-[server.clients.laptop]
-token = "change-me"
-[server.services.source]
-bind_addr = "127.0.0.1:0"
-[server.tuning]
-shards = {shards}
-initial_stream_window_bytes = {WINDOW}
-max_stream_window_bytes = {MAX_WINDOW}
-"#
-    );
-    let server_cfg = parse_config(&server_toml).unwrap().server.unwrap();
-    let server = Server::start(server_cfg).await.unwrap();
-    let client_toml = format!(
-        r#"
-[client]
-server_addr = "{}"
-name = "laptop"
-token = "change-me"
-transport = "tcp"
-sessions = {sessions}
-[client.services.source]
-local_addr = "{service}"
-[client.tuning]
-shards = {shards}
-initial_stream_window_bytes = {WINDOW}
-"#,
-        server.session_addr
-    );
-    let client_cfg = parse_config(&client_toml).unwrap().client.unwrap();
-    let client = Client::start(client_cfg).await.unwrap();
-    assert!(
-        client
-            .wait_connected(sessions, Duration::from_secs(10))
-            .await,
-        "client did not connect {sessions} sessions"
-    );
-    // The client counts a session once handed to its shard; the server registers it a moment
-    // later on its own shard.
-    for _ in 0..500 {
-        if server.shards().board().sessions_for("source") as usize >= sessions {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let public = server.service_addrs["source"];
-    Pair {
-        server,
-        client,
-        public,
-    }
+    let tuning =
+        format!("initial_stream_window_bytes = {WINDOW}\nmax_stream_window_bytes = {MAX_WINDOW}");
+    let inner = warren::loopback::Pair::start(PairSpec {
+        services: &[("source", service)],
+        shards,
+        sessions: Some(sessions),
+        tuning: &tuning,
+        ..PairSpec::default()
+    })
+    .await
+    .unwrap();
+    let public = inner.public("source");
+    Pair { inner, public }
 }
 
 /// Asks the source for `len` bytes and checks every byte.
@@ -171,7 +126,7 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
         tokio::select! {
             t = &mut done => break t,
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
-                let b = p.server.shards().total(|s| &s.recv_buffered);
+                let b = p.inner.server.shards().total(|s| &s.recv_buffered);
                 peak_buffered = peak_buffered.max(b);
             }
         }
@@ -180,9 +135,9 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
 
     // With the nine done, what the server still buffers belongs to the stalled stream alone.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let stalled_buffered = p.server.shards().total(|s| &s.recv_buffered);
-    let stalled_window = p.server.shards().total(|s| &s.recv_windows);
-    let streams = p.server.shards().total(|s| &s.streams);
+    let stalled_buffered = p.inner.server.shards().total(|s| &s.recv_buffered);
+    let stalled_window = p.inner.server.shards().total(|s| &s.recv_windows);
+    let streams = p.inner.server.shards().total(|s| &s.streams);
     assert_eq!(
         streams, 1,
         "only the stalled stream is still open on the server"
@@ -198,7 +153,7 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
         "stalled stream buffers {stalled_buffered} bytes, more than its {stalled_window}-byte window"
     );
     assert!(stalled_window <= u64::from(MAX_WINDOW));
-    let sessions = p.server.shards().total(|s| &s.sessions);
+    let sessions = p.inner.server.shards().total(|s| &s.sessions);
     assert_eq!(sessions, 1, "everything ran on one session");
     eprintln!(
         "HOL: stalled stream buffered {stalled_buffered} B (its window {stalled_window} B); \
@@ -216,19 +171,23 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
         got += n as u64;
     }
     assert_eq!(got, EACH);
-    p.client.shutdown().await;
-    p.server.shutdown().await;
+    p.inner.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn visitors_spread_over_one_session_per_shard() {
     let service = source_service().await;
     let p = start_pair(service, 2).await;
-    assert_eq!(p.server.shards().total(|s| &s.sessions), 2);
+    assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 2);
     // Each server shard has its own session: both shards have exactly one.
     for i in 0..2 {
         assert_eq!(
-            p.server.shards().stats(i).sessions.load(Ordering::Relaxed),
+            p.inner
+                .server
+                .shards()
+                .stats(i)
+                .sessions
+                .load(Ordering::Relaxed),
             1,
             "shard {i}"
         );
@@ -241,8 +200,7 @@ async fn visitors_spread_over_one_session_per_shard() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 1 << 20);
     }
-    p.client.shutdown().await;
-    p.server.shutdown().await;
+    p.inner.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +209,7 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
     // Two server shards, one client session: every visitor the kernel gives to the other shard
     // must be handed over, not refused.
     let p = start_pair_with(service, 2, 1).await;
-    assert_eq!(p.server.shards().total(|s| &s.sessions), 1);
+    assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 1);
     let mut tasks = Vec::new();
     for _ in 0..32 {
         let public = p.public;
@@ -264,7 +222,8 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
     }
     let accepted: Vec<u64> = (0..2)
         .map(|i| {
-            p.server
+            p.inner
+                .server
                 .shards()
                 .stats(i)
                 .visitors_accepted
@@ -272,7 +231,6 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
         })
         .collect();
     assert_eq!(accepted.iter().sum::<u64>(), 32);
-    assert_eq!(p.server.shards().total(|s| &s.visitors_unrouted), 0);
-    p.client.shutdown().await;
-    p.server.shutdown().await;
+    assert_eq!(p.inner.server.shards().total(|s| &s.visitors_unrouted), 0);
+    p.inner.shutdown().await;
 }
