@@ -153,20 +153,22 @@ impl RouteBoard {
         self.counts.get(i * self.shards + shard)
     }
 
-    pub(crate) fn add(&self, service: &str, shard: usize) {
+    /// A session offering `service` started on `shard`.
+    pub fn add(&self, service: &str, shard: usize) {
         if let Some(c) = self.slot(service, shard) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    pub(crate) fn remove(&self, service: &str, shard: usize) {
+    /// A session offering `service` on `shard` ended.
+    pub fn remove(&self, service: &str, shard: usize) {
         if let Some(c) = self.slot(service, shard) {
             c.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Another shard with a session for `service`, scanning from `from + 1`.
-    pub(crate) fn find_other(&self, service: &str, from: usize) -> Option<usize> {
+    pub fn find_other(&self, service: &str, from: usize) -> Option<usize> {
         (1..self.shards)
             .map(|k| (from + k) % self.shards)
             .find(|s| {

@@ -859,6 +859,51 @@ impl Session {
         Ok(())
     }
 
+    /// Sends up to `max` payload bytes that the driver moves itself (for example with
+    /// `splice(2)` from a pipe straight into the session socket). Returns the DATA frame header
+    /// and the payload length granted (within stream credit, session credit and the peer's
+    /// frame limit); the driver must write the header and then exactly that many payload bytes
+    /// before anything else, and must have written everything [`Session::poll_transmit`]
+    /// produced before (that is where the stream's OPEN went). Only for a stream whose queued
+    /// send buffer is empty: a stream is fed either through [`Session::stream_write`] or this
+    /// call at any one time. `None` when no credit is available (an
+    /// [`Event::StreamWritable`] follows when it arrives) or the stream cannot send.
+    pub fn stream_send_external(
+        &mut self,
+        id: StreamId,
+        max: u32,
+    ) -> Option<([u8; HEADER_LEN], u32)> {
+        if self.closed.is_some() {
+            return None;
+        }
+        let max_frame = u64::from(self.cfg.peer.max_frame_payload);
+        let s = self.streams.get_mut(&id)?;
+        if s.fin_queued || !s.send.is_empty() {
+            return None;
+        }
+        let n = u64::from(max)
+            .min(s.send_credit)
+            .min(self.send_session_credit)
+            .min(max_frame);
+        if n == 0 {
+            s.want_writable = true;
+            return None;
+        }
+        s.send_credit -= n;
+        self.send_session_credit -= n;
+        self.stats.data_bytes_sent += n;
+        Some((data_header(id, n as u32), n as u32))
+    }
+
+    /// Credit the peer currently grants this stream, within the session budget: what
+    /// [`Session::stream_send_external`] would grant at most.
+    pub fn stream_send_credit(&self, id: StreamId) -> u64 {
+        self.streams
+            .get(&id)
+            .map(|s| s.send_credit.min(self.send_session_credit))
+            .unwrap_or(0)
+    }
+
     /// Half-closes our direction after everything queued has been sent.
     pub fn stream_finish(&mut self, id: StreamId) -> Result<(), StreamError> {
         let s = self.streams.get_mut(&id).ok_or(StreamError::Gone(id))?;

@@ -1,0 +1,137 @@
+//! warren's Linux data plane: one pinned shard thread per core, each running a hand-written
+//! io_uring completion loop.
+//!
+//! What it does: owns sockets, rings, provided-buffer rings, pipes and the cross-shard command
+//! queues. The loop translates completions into `warren-proto` input and `warren-proto` output
+//! into submissions. What it does not do: protocol logic (framing, flow control, keepalive live
+//! in `warren-proto`), config, auth or placement (the control plane). It accepts the same
+//! [`ShardCommand`]s as the portable backend (`warren-compat`), so the control plane drives both
+//! the same way. Off Linux it builds to [`probe`] returning [`Unavailable::NotLinux`].
+#![allow(unsafe_code)]
+
+mod probe;
+#[cfg(target_os = "linux")]
+mod uring;
+
+pub use probe::{probe, Probe, Unavailable};
+pub use warren_compat::{
+    LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
+    ShardSetConfig, ShardStats,
+};
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How to start the io_uring shard set.
+#[derive(Debug, Clone)]
+pub struct UringConfig {
+    /// Shard count, cores, thread names, command queue size; `read_buffer` is the size of each
+    /// provided receive buffer.
+    pub shards: ShardSetConfig,
+    /// Provided receive buffers per shard (rounded up to a power of two, at most 32768).
+    pub buffer_count: u32,
+    /// Capacity asked of each splice pipe (`F_SETPIPE_SZ`, bounded by `fs.pipe-max-size`).
+    pub pipe_size: usize,
+    /// Pipes per shard for splicing plaintext payloads into plain-TCP sessions; 0 turns splice
+    /// off. A stream that finds the pool empty copies instead.
+    pub pipe_pool: usize,
+}
+
+/// The running io_uring shards. Same surface as `warren_compat::Shards`.
+#[derive(Debug)]
+pub struct Shards {
+    #[cfg(target_os = "linux")]
+    inner: uring::shard::ShardSet,
+    stats: Vec<Arc<ShardStats>>,
+    board: Arc<RouteBoard>,
+}
+
+impl Shards {
+    /// Starts the shard threads. Fails when a ring cannot be set up (call [`probe`] first to
+    /// learn why in a form fit for a log line).
+    pub fn start(cfg: UringConfig, board: Arc<RouteBoard>) -> io::Result<Shards> {
+        #[cfg(target_os = "linux")]
+        {
+            let (inner, stats) = uring::shard::ShardSet::start(cfg, board.clone())?;
+            Ok(Shards {
+                inner,
+                stats,
+                board,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (cfg, board);
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                Unavailable::NotLinux.to_string(),
+            ))
+        }
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.stats.len()
+    }
+
+    /// Never true: there is always at least one shard.
+    pub fn is_empty(&self) -> bool {
+        self.stats.is_empty()
+    }
+
+    /// Queues a command for shard `shard`; returns it when the queue is full.
+    pub fn send(&self, shard: usize, cmd: ShardCommand) -> Result<(), ShardCommand> {
+        #[cfg(target_os = "linux")]
+        {
+            self.inner.send(shard, cmd)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = shard;
+            Err(cmd)
+        }
+    }
+
+    /// Counters of one shard.
+    pub fn stats(&self, shard: usize) -> &ShardStats {
+        &self.stats[shard]
+    }
+
+    /// Sum of one counter over all shards.
+    pub fn total(&self, f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The service board shared by the shards.
+    pub fn board(&self) -> &RouteBoard {
+        &self.board
+    }
+
+    /// Sends [`ShardCommand::Drain`] to every shard.
+    pub fn drain(&self, reason: &str) {
+        for i in 0..self.len() {
+            let mut cmd = ShardCommand::Drain {
+                reason: reason.to_string(),
+            };
+            for _ in 0..1000 {
+                match self.send(i, cmd) {
+                    Ok(()) => break,
+                    Err(c) => {
+                        cmd = c;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every shard and joins the threads. Idempotent.
+    pub fn stop(&self) {
+        #[cfg(target_os = "linux")]
+        self.inner.stop();
+    }
+}

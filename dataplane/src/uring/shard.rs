@@ -1,0 +1,2126 @@
+//! One shard: a pinned thread, one ring, and the completion loop that drives its listeners,
+//! sessions and streams.
+//!
+//! The loop is `submit_and_wait → for each completion: translate → serve what changed`. Every
+//! operation carries its kind, slot and slot generation in `user_data`; a completion for a slot
+//! that has been reused is dropped. A slot (listener, session, stream) owns its socket, and every
+//! buffer an in-flight operation points into, until the last completion for it arrives: closing
+//! cancels the operations and frees the slot only when its in-flight count reaches zero.
+//!
+//! Protocol decisions are `warren_proto::session::Session`'s: this file only moves bytes in and
+//! out of it and reports what the sockets did.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use crossbeam_queue::ArrayQueue;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use socket2::{SockAddr, SockRef};
+use tracing::{debug, info, warn};
+use warren_compat::{
+    LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand, ShardStats,
+};
+use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
+use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
+
+use super::bufring::BufRing;
+use super::sys::{self, Pipe};
+use crate::probe::SetupFlags;
+use crate::UringConfig;
+
+/// Submission queue entries per ring (completions: four times as many).
+const RING_ENTRIES: u32 = 4096;
+/// Bytes of frames produced per session send.
+const TRANSMIT_CHUNK: usize = 256 * 1024;
+/// Largest chunk taken from the core per send to a local socket.
+const WRITE_CHUNK: usize = 256 * 1024;
+/// How long a closing session may take to flush its last frames (GOAWAY, close_notify).
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+/// Rounds of "serve what changed" per loop turn before waiting on the ring again.
+const SERVE_ROUNDS: usize = 8;
+
+// ----- user_data ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Mailbox = 1,
+    Accept,
+    SessionRecv,
+    SessionSend,
+    SessionPollOut,
+    StreamRecv,
+    StreamSend,
+    StreamPollIn,
+    Connect,
+    ConnectTimeout,
+    Cancel,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            1 => Op::Mailbox,
+            2 => Op::Accept,
+            3 => Op::SessionRecv,
+            4 => Op::SessionSend,
+            5 => Op::SessionPollOut,
+            6 => Op::StreamRecv,
+            7 => Op::StreamSend,
+            8 => Op::StreamPollIn,
+            9 => Op::Connect,
+            10 => Op::ConnectTimeout,
+            11 => Op::Cancel,
+            _ => return None,
+        })
+    }
+}
+
+/// A slot reference: index plus the generation it had when the operation was submitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    index: u32,
+    gen: u32,
+}
+
+fn user_data(op: Op, key: Key) -> u64 {
+    ((op as u64) << 56) | ((u64::from(key.index) & 0xff_ffff) << 32) | u64::from(key.gen)
+}
+
+fn decode(ud: u64) -> Option<(Op, Key)> {
+    let op = Op::from_u8((ud >> 56) as u8)?;
+    Some((
+        op,
+        Key {
+            index: ((ud >> 32) & 0xff_ffff) as u32,
+            gen: ud as u32,
+        },
+    ))
+}
+
+// ----- slab --------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Slab<T> {
+    entries: Vec<(u32, Option<T>)>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) -> Key {
+        if let Some(i) = self.free.pop() {
+            let e = &mut self.entries[i as usize];
+            e.0 = e.0.wrapping_add(1);
+            e.1 = Some(v);
+            Key {
+                index: i,
+                gen: e.0,
+            }
+        } else {
+            let i = self.entries.len() as u32;
+            assert!(i < 0xff_ffff, "slab full");
+            self.entries.push((0, Some(v)));
+            Key { index: i, gen: 0 }
+        }
+    }
+
+    fn get(&mut self, k: Key) -> Option<&mut T> {
+        match self.entries.get_mut(k.index as usize) {
+            Some((g, Some(v))) if *g == k.gen => Some(v),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, k: Key) -> Option<T> {
+        match self.entries.get_mut(k.index as usize) {
+            Some((g, v @ Some(_))) if *g == k.gen => {
+                self.free.push(k.index);
+                v.take()
+            }
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<Key> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, v))| v.is_some())
+            .map(|(i, (g, _))| Key {
+                index: i as u32,
+                gen: *g,
+            })
+            .collect()
+    }
+}
+
+// ----- the shard set (control-plane side) --------------------------------------------------
+
+/// A shard's command queue and its wake.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    queue: ArrayQueue<ShardCommand>,
+    wake: OwnedFd,
+    /// Set by the first sender after the shard last looked; only that sender writes the
+    /// eventfd, so a burst of commands costs one wake.
+    woken: AtomicBool,
+}
+
+impl Mailbox {
+    fn push(&self, cmd: ShardCommand) -> Result<(), ShardCommand> {
+        self.queue.push(cmd)?;
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            sys::eventfd_wake(self.wake.as_raw_fd());
+        }
+        Ok(())
+    }
+}
+
+/// The shard threads and their mailboxes.
+#[derive(Debug)]
+pub(crate) struct ShardSet {
+    mailboxes: Arc<Vec<Mailbox>>,
+    /// Joined by `stop`; a Mutex only because stop takes `&self` (control path, never per byte).
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ShardSet {
+    pub(crate) fn start(
+        cfg: UringConfig,
+        board: Arc<RouteBoard>,
+    ) -> io::Result<(ShardSet, Vec<Arc<ShardStats>>)> {
+        let probe = crate::probe().map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+        let count = cfg.shards.count.max(1);
+        let mut mailboxes = Vec::with_capacity(count);
+        for _ in 0..count {
+            mailboxes.push(Mailbox {
+                queue: ArrayQueue::new(cfg.shards.queue_capacity.max(16)),
+                wake: sys::eventfd()?,
+                woken: AtomicBool::new(false),
+            });
+        }
+        let mailboxes = Arc::new(mailboxes);
+        let stats: Vec<Arc<ShardStats>> = (0..count).map(|_| Arc::default()).collect();
+        let allowed = core_affinity::get_core_ids().unwrap_or_default();
+        let mut threads = Vec::with_capacity(count);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        for i in 0..count {
+            let core = match &cfg.shards.cores {
+                Some(c) if !c.is_empty() => Some(core_affinity::CoreId { id: c[i % c.len()] }),
+                _ if !allowed.is_empty() => Some(allowed[i % allowed.len()]),
+                _ => None,
+            };
+            let ctx = Context {
+                index: i,
+                mailboxes: mailboxes.clone(),
+                stats: stats[i].clone(),
+                board: board.clone(),
+                cfg: cfg.clone(),
+                flags: probe.setup,
+            };
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{}-uring-{i}", cfg.shards.name))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            debug!(shard = i, core = core.id, "could not pin shard thread");
+                        }
+                    }
+                    match Shard::new(ctx) {
+                        Ok(mut shard) => {
+                            let _ = ready.send(Ok(()));
+                            if let Err(e) = shard.run() {
+                                warn!(shard = i, "shard stopped: {e}");
+                            }
+                            shard.shutdown();
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                })?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        let set = ShardSet {
+            mailboxes,
+            threads: std::sync::Mutex::new(threads),
+        };
+        for _ in 0..count {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    set.stop();
+                    return Err(e);
+                }
+                Err(_) => {
+                    set.stop();
+                    return Err(io::Error::other("a shard thread died during start-up"));
+                }
+            }
+        }
+        Ok((set, stats))
+    }
+
+    pub(crate) fn send(&self, shard: usize, cmd: ShardCommand) -> Result<(), ShardCommand> {
+        self.mailboxes[shard % self.mailboxes.len()].push(cmd)
+    }
+
+    pub(crate) fn stop(&self) {
+        let threads = match self.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        if threads.is_empty() {
+            return;
+        }
+        for (i, t) in threads.into_iter().enumerate() {
+            if !t.is_finished() {
+                while self.mailboxes[i].push(ShardCommand::Stop).is_err() {
+                    std::thread::yield_now();
+                }
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+struct Context {
+    index: usize,
+    mailboxes: Arc<Vec<Mailbox>>,
+    stats: Arc<ShardStats>,
+    board: Arc<RouteBoard>,
+    cfg: UringConfig,
+    flags: SetupFlags,
+}
+
+// ----- slots -------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Listener {
+    sock: std::net::TcpListener,
+    service: Arc<str>,
+    armed: bool,
+    closing: bool,
+}
+
+/// Which local peer a stream talks to; decides whose fault a socket error is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalEnd {
+    Visitor,
+    Service,
+}
+
+impl LocalEnd {
+    fn error_code(self) -> ResetCode {
+        match self {
+            LocalEnd::Visitor => ResetCode::VisitorError,
+            LocalEnd::Service => ResetCode::ServiceError,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            LocalEnd::Visitor => "visitor",
+            LocalEnd::Service => "service",
+        }
+    }
+}
+
+/// A payload being spliced from a stream's pipe into the session socket, after its header.
+#[derive(Debug)]
+struct SpliceOut {
+    stream: Key,
+    /// Position in the session's `out` after which the payload goes (the header's end).
+    after: usize,
+    /// Payload bytes still to splice.
+    left: usize,
+}
+
+struct SessionSlot {
+    sock: TcpStream,
+    tls: Option<Box<rustls::Connection>>,
+    core: Session,
+    id: u64,
+    peer_name: Arc<str>,
+    role: SessionRole,
+    done: Option<tokio::sync::oneshot::Sender<SessionEnd>>,
+    /// Plaintext received and not yet decoded (a partial frame at most, between turns).
+    input: BytesMut,
+    /// Encoded bytes for the socket; `out[out_sent..]` is not yet written.
+    out: Vec<u8>,
+    out_sent: usize,
+    /// Frames produced by the core before TLS encryption (TLS sessions only).
+    plain: Vec<u8>,
+    splice: Option<SpliceOut>,
+    /// Spliced streams whose pipes hold bytes, in turn order.
+    splice_ready: VecDeque<Key>,
+    streams: HashMap<StreamId, Key>,
+    recv_armed: bool,
+    send_inflight: bool,
+    poll_inflight: bool,
+    inflight: u32,
+    /// Set once the session is over: why (None = clean) and until when it may flush.
+    ending: Option<(Option<String>, Instant)>,
+    /// Nothing more may be written (the socket failed).
+    write_failed: bool,
+    published: SessionStats,
+    /// Whether the socket can carry spliced payloads (plain TCP).
+    can_splice: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    Connecting,
+    Open,
+}
+
+struct StreamSlot {
+    sock: TcpStream,
+    session: Key,
+    id: StreamId,
+    end: LocalEnd,
+    state: StreamState,
+    /// Address and timeout an in-flight connect points at.
+    connect_addr: Option<Box<SockAddr>>,
+    connect_timeout: Option<Box<types::Timespec>>,
+    service: Arc<str>,
+    recv_armed: bool,
+    /// The multishot receive ran out of buffers; re-arm when some come back.
+    starved: bool,
+    send_inflight: bool,
+    poll_armed: bool,
+    inflight: u32,
+    /// Bytes being written to the local socket (the send in flight points into it).
+    sending: Option<Bytes>,
+    /// Bytes read from the local socket beyond the credit the core accepted (copied out of
+    /// the buffer ring so a stalled stream never pins ring buffers).
+    held: VecDeque<Bytes>,
+    held_bytes: usize,
+    /// Some of `held` still points into the buffer ring.
+    held_on_ring: bool,
+    /// A cancel for the multishot receive is on its way.
+    recv_cancelling: bool,
+    /// The local peer closed its sending side.
+    read_eof: bool,
+    /// We told the core (FIN queued).
+    fin_queued: bool,
+    /// The core's FIN reached us and the local socket's write side is shut.
+    write_done: bool,
+    /// Splice mode: a pipe from the shard's pool and the bytes it holds.
+    pipe: Option<Pipe>,
+    pipe_bytes: usize,
+    splice_mode: bool,
+    in_splice_ready: bool,
+    /// Set when the stream is being torn down: reset (abortive close) or clean.
+    closing: Option<bool>,
+}
+
+// ----- the shard ---------------------------------------------------------------------------
+
+struct Shard {
+    index: usize,
+    ring: IoUring,
+    bufs: BufRing,
+    stats: Arc<ShardStats>,
+    board: Arc<RouteBoard>,
+    mailboxes: Arc<Vec<Mailbox>>,
+    cfg: UringConfig,
+    mailbox_buf: Box<u64>,
+    mailbox_armed: bool,
+    listeners: Slab<Listener>,
+    sessions: Slab<SessionSlot>,
+    streams: Slab<StreamSlot>,
+    pipes: Vec<Pipe>,
+    pipes_out: usize,
+    rr: usize,
+    draining: bool,
+    stopping: bool,
+    dirty_sessions: Vec<Key>,
+    dirty_streams: Vec<Key>,
+    starved: Vec<Key>,
+    listeners_need_arm: Vec<Key>,
+}
+
+impl Shard {
+    fn new(ctx: Context) -> io::Result<Shard> {
+        let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
+        let count = ctx.cfg.buffer_count.clamp(16, 32768).next_power_of_two() as u16;
+        let bufs = BufRing::new(
+            &ring.submitter(),
+            0,
+            count,
+            ctx.cfg.shards.read_buffer.max(4096),
+        )?;
+        Ok(Shard {
+            index: ctx.index,
+            ring,
+            bufs,
+            stats: ctx.stats,
+            board: ctx.board,
+            mailboxes: ctx.mailboxes,
+            cfg: ctx.cfg,
+            mailbox_buf: Box::new(0),
+            mailbox_armed: false,
+            listeners: Slab::new(),
+            sessions: Slab::new(),
+            streams: Slab::new(),
+            pipes: Vec::new(),
+            pipes_out: 0,
+            rr: 0,
+            draining: false,
+            stopping: false,
+            dirty_sessions: Vec::new(),
+            dirty_streams: Vec::new(),
+            starved: Vec::new(),
+            listeners_need_arm: Vec::new(),
+        })
+    }
+
+    /// Pushes one submission, flushing the queue to the kernel when it is full.
+    fn push(&mut self, e: &squeue::Entry) {
+        loop {
+            // SAFETY: every entry built in this file points only at memory owned by a slot (or
+            // the shard) that stays alive, at a fixed address, until the entry's completion
+            // arrives; see the module docs and the `inflight` counters.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                if err.raw_os_error() != Some(libc::EBUSY) {
+                    warn!(shard = self.index, "io_uring submit failed: {err}");
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_mailbox();
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
+        loop {
+            self.drain_mailbox();
+            if self.stopping {
+                return Ok(());
+            }
+            self.serve();
+            let now = Instant::now();
+            let deadline = self.next_deadline();
+            let has_ready = !self.ring.completion().is_empty();
+            let res = if has_ready {
+                self.ring.submit()
+            } else if let Some(d) = deadline {
+                let wait = d.saturating_duration_since(now);
+                let ts = types::Timespec::from(wait.max(Duration::from_micros(1)));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match res {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(ud, res, flags) in &cqes {
+                self.complete(ud, res, flags);
+            }
+            self.fire_timers();
+        }
+    }
+
+    // ----- mailbox -------------------------------------------------------------------------
+
+    fn arm_mailbox(&mut self) {
+        let fd = self.mailboxes[self.index].wake.as_raw_fd();
+        let buf: *mut u64 = &mut *self.mailbox_buf;
+        let e = opcode::Read::new(types::Fd(fd), buf.cast(), 8)
+            .build()
+            .user_data(user_data(Op::Mailbox, Key { index: 0, gen: 0 }));
+        self.push(&e);
+        self.mailbox_armed = true;
+    }
+
+    fn drain_mailbox(&mut self) {
+        let mailboxes = self.mailboxes.clone();
+        let mb = &mailboxes[self.index];
+        mb.woken.store(false, Ordering::SeqCst);
+        while let Some(cmd) = mb.queue.pop() {
+            self.handle_command(cmd);
+            if self.stopping {
+                return;
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: ShardCommand) {
+        match cmd {
+            ShardCommand::Session(h) => self.add_session(*h),
+            ShardCommand::Listener { service, listener } => {
+                if let Err(e) = listener.set_nonblocking(true) {
+                    warn!(shard = self.index, %service, "cannot use listener: {e}");
+                    return;
+                }
+                let k = self.listeners.insert(Listener {
+                    sock: listener,
+                    service,
+                    armed: false,
+                    closing: false,
+                });
+                self.arm_accept(k);
+            }
+            ShardCommand::Visitor {
+                service,
+                sock,
+                peer,
+            } => self.route_visitor(service, sock, peer, false),
+            ShardCommand::Drain { reason } => {
+                self.draining = true;
+                for k in self.listeners.keys() {
+                    self.close_listener(k);
+                }
+                for k in self.sessions.keys() {
+                    if let Some(s) = self.sessions.get(k) {
+                        s.core.go_away(GoAwayCode::NoError, &reason);
+                        self.dirty_sessions.push(k);
+                    }
+                }
+            }
+            ShardCommand::Stop => self.stopping = true,
+        }
+    }
+
+    // ----- listeners -----------------------------------------------------------------------
+
+    fn arm_accept(&mut self, k: Key) {
+        let Some(l) = self.listeners.get(k) else {
+            return;
+        };
+        if l.armed || l.closing {
+            return;
+        }
+        l.armed = true;
+        let fd = l.sock.as_raw_fd();
+        let e = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(user_data(Op::Accept, k));
+        self.push(&e);
+    }
+
+    fn close_listener(&mut self, k: Key) {
+        let Some(l) = self.listeners.get(k) else {
+            return;
+        };
+        l.closing = true;
+        if l.armed {
+            let e = opcode::AsyncCancel::new(user_data(Op::Accept, k))
+                .build()
+                .user_data(user_data(Op::Cancel, k));
+            self.push(&e);
+        } else {
+            self.listeners.remove(k);
+        }
+    }
+
+    fn on_accept(&mut self, k: Key, res: i32, more: bool) {
+        let Some(l) = self.listeners.get(k) else {
+            if res >= 0 {
+                // SAFETY: a fresh fd from accept that nobody else owns.
+                drop(unsafe { OwnedFd::from_raw_fd(res) });
+            }
+            return;
+        };
+        if !more {
+            l.armed = false;
+        }
+        let closing = l.closing;
+        let service = l.service.clone();
+        if res >= 0 {
+            // SAFETY: a fresh fd from accept that nobody else owns.
+            let sock = unsafe { TcpStream::from_raw_fd(res) };
+            if closing || self.draining {
+                return;
+            }
+            self.stats
+                .visitors_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            let peer = sock
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            self.route_visitor(service, sock, peer, true);
+        } else if res != -libc::ECANCELED {
+            let e = io::Error::from_raw_os_error(-res);
+            warn!(shard = self.index, %service, "accept failed: {e}");
+        }
+        if closing && !more {
+            self.listeners.remove(k);
+        } else if !more && !closing {
+            // EMFILE and friends end the multishot; re-arm on the next turn rather than spin.
+            self.listeners_need_arm.push(k);
+        }
+    }
+
+    /// Serves a visitor through a session on this shard, or hands it to a shard that has one.
+    fn route_visitor(&mut self, service: Arc<str>, sock: TcpStream, peer: SocketAddr, may_hand_off: bool) {
+        let candidates: Vec<Key> = self
+            .sessions
+            .keys()
+            .into_iter()
+            .filter(|k| {
+                self.sessions.get(*k).is_some_and(|s| {
+                    s.ending.is_none()
+                        && matches!(&s.role, SessionRole::Server { services } if services.iter().any(|x| **x == *service))
+                })
+            })
+            .collect();
+        let start = self.rr;
+        self.rr = self.rr.wrapping_add(1);
+        let mut sock = Some(sock);
+        for i in 0..candidates.len() {
+            let sk = candidates[(start + i) % candidates.len()];
+            let Some(s) = self.sessions.get(sk) else {
+                continue;
+            };
+            match s.core.open_stream(&service, Some(peer)) {
+                Ok(id) => {
+                    let splice = s.can_splice;
+                    let Some(sock) = sock.take() else { return };
+                    let st = self.new_stream(sk, id, sock, LocalEnd::Visitor, service.clone(), StreamState::Open, splice);
+                    if let Some(s) = self.sessions.get(sk) {
+                        s.streams.insert(id, st);
+                    }
+                    self.dirty_sessions.push(sk);
+                    self.dirty_streams.push(st);
+                    return;
+                }
+                Err(e) => debug!(session = s.id, %service, "cannot open stream: {e}"),
+            }
+        }
+        let Some(sock) = sock else { return };
+        if may_hand_off {
+            if let Some(other) = self.board.find_other(&service, self.index) {
+                let cmd = ShardCommand::Visitor {
+                    service: service.clone(),
+                    sock,
+                    peer,
+                };
+                if self.mailboxes[other].push(cmd).is_ok() {
+                    return;
+                }
+                warn!(shard = self.index, %service, "shard {other} queue full; visitor {peer} dropped");
+                self.stats
+                    .visitors_unrouted
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.stats
+            .visitors_unrouted
+            .fetch_add(1, Ordering::Relaxed);
+        info!(%service, %peer, "visitor refused: no client is connected for this service");
+    }
+
+    // ----- sessions ------------------------------------------------------------------------
+
+    fn add_session(&mut self, h: SessionHandoff) {
+        let parts = h.parts;
+        if let Err(e) = parts.sock.set_nonblocking(true) {
+            warn!(session = h.session_id, "cannot register session socket: {e}");
+            if let Some(done) = h.done {
+                let _ = done.send(SessionEnd {
+                    error: Some(e.to_string()),
+                });
+            }
+            return;
+        }
+        let _ = parts.sock.set_nodelay(true);
+        let can_splice = parts.tls.is_none() && self.cfg.pipe_pool > 0;
+        let slot = SessionSlot {
+            sock: parts.sock,
+            tls: parts.tls,
+            core: Session::new(h.config, Instant::now()),
+            id: h.session_id,
+            peer_name: h.peer_name,
+            role: h.role,
+            done: h.done,
+            input: parts.leftover,
+            out: Vec::with_capacity(TRANSMIT_CHUNK + 64 * 1024),
+            out_sent: 0,
+            plain: Vec::new(),
+            splice: None,
+            splice_ready: VecDeque::new(),
+            streams: HashMap::new(),
+            recv_armed: false,
+            send_inflight: false,
+            poll_inflight: false,
+            inflight: 0,
+            ending: None,
+            write_failed: false,
+            published: SessionStats::default(),
+            can_splice,
+        };
+        if let SessionRole::Server { services } = &slot.role {
+            for s in services {
+                self.board.add(s, self.index);
+            }
+        }
+        let tls = slot.tls.is_some();
+        let k = self.sessions.insert(slot);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.sessions.get(k) {
+            info!(shard = self.index, session = s.id, peer = %s.peer_name, tls, backend = "uring", "session running");
+            if self.draining {
+                s.core.go_away(GoAwayCode::NoError, "shutting down");
+            }
+        }
+        self.arm_session_recv(k);
+        self.dirty_sessions.push(k);
+    }
+
+    fn arm_session_recv(&mut self, k: Key) {
+        let bgid = self.bufs.bgid();
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        if s.recv_armed || s.ending.is_some() {
+            return;
+        }
+        s.recv_armed = true;
+        s.inflight += 1;
+        let fd = s.sock.as_raw_fd();
+        let e = opcode::RecvMulti::new(types::Fd(fd), bgid)
+            .build()
+            .user_data(user_data(Op::SessionRecv, k));
+        self.push(&e);
+    }
+
+    fn on_session_recv(&mut self, k: Key, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let data = if res > 0 {
+            cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
+        } else {
+            None
+        };
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        if !more {
+            s.recv_armed = false;
+            s.inflight -= 1;
+        }
+        if s.ending.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(data) = data {
+            let fed = match s.tls.as_mut() {
+                None => {
+                    s.input.extend_from_slice(&data);
+                    Ok(())
+                }
+                Some(tls) => feed_tls(tls, &data, &mut s.input),
+            };
+            drop(data);
+            if let Err(e) = fed {
+                s.core
+                    .handle_connection_lost(&format!("TLS error from the peer: {e}"));
+            } else if !s.input.is_empty() {
+                let _ = s.core.handle_input(now, &mut s.input);
+            }
+        } else if res == 0 {
+            let why = if s.input.is_empty() {
+                "the peer closed the connection".to_string()
+            } else {
+                format!(
+                    "the peer closed the connection inside a frame ({} bytes pending)",
+                    s.input.len()
+                )
+            };
+            s.core.handle_connection_lost(&why);
+        } else if res == -libc::ENOBUFS {
+            // The shard ran out of receive buffers; re-armed once some come back.
+            self.starved.push(k);
+        } else if res < 0 && res != -libc::ECANCELED {
+            let e = io::Error::from_raw_os_error(-res);
+            s.core
+                .handle_connection_lost(&format!("reading the session socket: {e}"));
+        }
+        self.dirty_sessions.push(k);
+        if !more && res != -libc::ENOBUFS && res > 0 {
+            // Multishot ended for another reason (e.g. the kernel's retry cap): re-arm.
+            self.arm_session_recv(k);
+        }
+    }
+
+    /// Produces output and starts the next send if none is in flight.
+    fn session_transmit(&mut self, k: Key) {
+        loop {
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            if s.send_inflight || s.poll_inflight || s.write_failed {
+                return;
+            }
+            // 1. Unsent bytes before a pending splice (or with none): send them.
+            let end = s.splice.as_ref().map_or(s.out.len(), |sp| sp.after);
+            if s.out_sent < end {
+                let more = s.splice.is_some();
+                let fd = s.sock.as_raw_fd();
+                let ptr = s.out[s.out_sent..].as_ptr();
+                let len = (end - s.out_sent) as u32;
+                s.send_inflight = true;
+                s.inflight += 1;
+                let mut flags = libc::MSG_NOSIGNAL;
+                if more {
+                    flags |= libc::MSG_MORE;
+                }
+                let e = opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(flags)
+                    .build()
+                    .user_data(user_data(Op::SessionSend, k));
+                self.push(&e);
+                return;
+            }
+            // 2. Header written: splice the payload.
+            if s.splice.is_some() {
+                match self.splice_out(k) {
+                    SpliceStep::Done => {}
+                    SpliceStep::Wait | SpliceStep::Failed => return,
+                }
+            }
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            // 3. Everything written: produce more.
+            s.out.clear();
+            s.out_sent = 0;
+            if s.out.capacity() > 4 * TRANSMIT_CHUNK {
+                s.out = Vec::with_capacity(TRANSMIT_CHUNK + 64 * 1024);
+            }
+            match s.tls.as_mut() {
+                None => s.core.poll_transmit(&mut s.out, TRANSMIT_CHUNK),
+                Some(tls) => {
+                    s.plain.clear();
+                    s.core.poll_transmit(&mut s.plain, TRANSMIT_CHUNK);
+                    if !s.plain.is_empty() {
+                        if let Err(e) = tls.writer().write_all(&s.plain) {
+                            s.core.handle_connection_lost(&format!("TLS: {e}"));
+                        }
+                    }
+                    if s.ending.is_some() && !s.core.has_transmit() {
+                        // Closing: close_notify after the last frame.
+                        if s.ending.as_ref().is_some_and(|e| e.0.is_none()) {
+                            tls.send_close_notify();
+                        }
+                    }
+                    while tls.wants_write() {
+                        if tls.write_tls(&mut s.out).is_err() {
+                            break;
+                        }
+                    }
+                    if s.plain.capacity() > 4 * TRANSMIT_CHUNK {
+                        s.plain = Vec::new();
+                    }
+                }
+            }
+            // 4. A spliced stream's turn, when there is room in this send.
+            if s.can_splice && s.out.len() < TRANSMIT_CHUNK && s.ending.is_none() {
+                self.start_splice_frame(k);
+            }
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            if s.out.is_empty() && s.splice.is_none() {
+                return;
+            }
+        }
+    }
+
+    fn on_session_send(&mut self, k: Key, res: i32) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        s.send_inflight = false;
+        s.inflight -= 1;
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            s.write_failed = true;
+            s.core
+                .handle_connection_lost(&format!("writing to the session socket: {e}"));
+        } else if res == 0 {
+            s.write_failed = true;
+            s.core
+                .handle_connection_lost("writing to the session socket: wrote zero bytes");
+        } else {
+            s.out_sent += res as usize;
+        }
+        self.dirty_sessions.push(k);
+    }
+
+    fn on_session_pollout(&mut self, k: Key, res: i32) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        s.poll_inflight = false;
+        s.inflight -= 1;
+        if res < 0 && res != -libc::ECANCELED {
+            s.write_failed = true;
+            s.core.handle_connection_lost(&format!(
+                "session socket: {}",
+                io::Error::from_raw_os_error(-res)
+            ));
+        }
+        self.dirty_sessions.push(k);
+    }
+
+    /// Picks the next spliced stream with bytes and credit and appends its frame header.
+    fn start_splice_frame(&mut self, k: Key) {
+        let max_chunk = self.cfg.pipe_size.max(64 * 1024) as u32;
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        let turns = s.splice_ready.len();
+        for _ in 0..turns {
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            let Some(sk) = s.splice_ready.pop_front() else {
+                return;
+            };
+            let Some(st) = self.streams.get(sk) else {
+                continue;
+            };
+            st.in_splice_ready = false;
+            if st.pipe_bytes == 0 || st.closing.is_some() {
+                continue;
+            }
+            let id = st.id;
+            let avail = st.pipe_bytes.min(max_chunk as usize) as u32;
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            match s.core.stream_send_external(id, avail) {
+                Some((header, n)) => {
+                    s.out.extend_from_slice(&header);
+                    s.splice = Some(SpliceOut {
+                        stream: sk,
+                        after: s.out.len(),
+                        left: n as usize,
+                    });
+                    return;
+                }
+                None => {
+                    // No credit: the stream is served again on StreamWritable.
+                    self.dirty_streams.push(sk);
+                }
+            }
+        }
+    }
+
+    /// Moves the pending spliced payload from its pipe into the session socket.
+    fn splice_out(&mut self, k: Key) -> SpliceStep {
+        let Some(s) = self.sessions.get(k) else {
+            return SpliceStep::Failed;
+        };
+        let Some(sp) = s.splice.as_mut() else {
+            return SpliceStep::Done;
+        };
+        let sock_fd = s.sock.as_raw_fd();
+        let sk = sp.stream;
+        let mut left = sp.left;
+        let st = self.streams.get(sk);
+        let Some(st) = st else {
+            // The stream vanished with its pipe: the frame cannot be completed.
+            let s = self.sessions.get(k).expect("checked above");
+            s.write_failed = true;
+            s.core
+                .handle_connection_lost("internal: a spliced stream vanished mid-frame");
+            return SpliceStep::Failed;
+        };
+        let Some(pipe) = st.pipe.as_ref() else {
+            let s = self.sessions.get(k).expect("checked above");
+            s.write_failed = true;
+            s.core
+                .handle_connection_lost("internal: a spliced stream lost its pipe mid-frame");
+            return SpliceStep::Failed;
+        };
+        let pipe_fd = pipe.read.as_raw_fd();
+        let mut result = SpliceStep::Done;
+        let mut error = None;
+        while left > 0 {
+            match sys::splice(pipe_fd, sock_fd, left) {
+                Ok(0) => {
+                    error = Some("internal: the splice pipe ran dry mid-frame".to_string());
+                    break;
+                }
+                Ok(n) => {
+                    left -= n;
+                    st.pipe_bytes -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    result = SpliceStep::Wait;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    error = Some(format!("writing to the session socket: {e}"));
+                    break;
+                }
+            }
+        }
+        let pipe_empty = st.pipe_bytes == 0;
+        let s = self.sessions.get(k).expect("checked above");
+        if let Some(why) = error {
+            s.write_failed = true;
+            s.core.handle_connection_lost(&why);
+            return SpliceStep::Failed;
+        }
+        if let Some(sp) = s.splice.as_mut() {
+            sp.left = left;
+        }
+        match result {
+            SpliceStep::Wait => {
+                s.poll_inflight = true;
+                s.inflight += 1;
+                let e = opcode::PollAdd::new(types::Fd(sock_fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(user_data(Op::SessionPollOut, k));
+                self.push(&e);
+                SpliceStep::Wait
+            }
+            _ => {
+                s.splice = None;
+                // Drop the header and everything before it.
+                s.out.clear();
+                s.out_sent = 0;
+                let _ = pipe_empty;
+                // The stream may splice more, finish, or give its pipe back.
+                self.dirty_streams.push(sk);
+                SpliceStep::Done
+            }
+        }
+    }
+
+    /// Turns core events into stream work, and ends the session when it is over.
+    fn serve_session(&mut self, k: Key) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        // Events first: they may open streams or wake them.
+        let mut opened = Vec::new();
+        while let Some(ev) = s.core.poll_event() {
+            match ev {
+                Event::StreamReadable(id) | Event::StreamWritable(id) | Event::StreamReset { id, .. } => {
+                    if let Some(st) = s.streams.get(&id) {
+                        self.dirty_streams.push(*st);
+                    }
+                }
+                Event::StreamOpened {
+                    id,
+                    service,
+                    visitor,
+                } => opened.push((id, service, visitor)),
+                Event::GoAway { code, reason } => {
+                    info!(session = s.id, peer = %s.peer_name, "peer sent GOAWAY ({code}): {reason}");
+                }
+            }
+        }
+        for (id, service, visitor) in opened {
+            self.open_service_stream(k, id, service, visitor);
+        }
+        if self.sessions.get(k).is_some_and(|s| s.ending.is_none()) {
+            self.session_transmit(k);
+        }
+        self.publish(k);
+        self.check_session_end(k);
+    }
+
+    fn publish(&mut self, k: Key) {
+        let stats = self.stats.clone();
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        let now = s.core.stats();
+        let d = |a: u64, b: u64| a.wrapping_sub(b);
+        let p = &s.published;
+        stats
+            .bytes_sent
+            .fetch_add(d(now.data_bytes_sent, p.data_bytes_sent), Ordering::Relaxed);
+        stats.bytes_received.fetch_add(
+            d(now.data_bytes_received, p.data_bytes_received),
+            Ordering::Relaxed,
+        );
+        stats
+            .recv_buffered
+            .fetch_add(d(now.recv_buffered, p.recv_buffered), Ordering::Relaxed);
+        stats
+            .recv_windows
+            .fetch_add(d(now.recv_windows, p.recv_windows), Ordering::Relaxed);
+        stats
+            .streams
+            .fetch_add(d(now.streams as u64, p.streams as u64), Ordering::Relaxed);
+        stats
+            .max_stream_recv_buffered
+            .fetch_max(u64::from(now.max_stream_recv_buffered), Ordering::Relaxed);
+        s.published = now;
+    }
+
+    fn check_session_end(&mut self, k: Key) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        let now = Instant::now();
+        if s.ending.is_none() {
+            let over = if let Some(e) = s.core.error() {
+                Some(Some(e.to_string()))
+            } else if s.core.is_drained() && s.out_sent >= s.out.len() && s.splice.is_none() && !s.core.has_transmit() {
+                Some(None)
+            } else {
+                None
+            };
+            let Some(why) = over else {
+                return;
+            };
+            s.ending = Some((why, now + CLOSE_FLUSH));
+            // Flush what the core still has (GOAWAY, close_notify), then close.
+            if !s.write_failed && !s.send_inflight && !s.poll_inflight && s.splice.is_none() {
+                s.out.drain(..s.out_sent);
+                s.out_sent = 0;
+                match s.tls.as_mut() {
+                    None => s.core.poll_transmit(&mut s.out, TRANSMIT_CHUNK),
+                    Some(tls) => {
+                        s.plain.clear();
+                        s.core.poll_transmit(&mut s.plain, TRANSMIT_CHUNK);
+                        let _ = tls.writer().write_all(&s.plain);
+                        if s.ending.as_ref().is_some_and(|e| e.0.is_none()) {
+                            tls.send_close_notify();
+                        }
+                        while tls.wants_write() {
+                            if tls.write_tls(&mut s.out).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if s.recv_armed {
+                let e = opcode::AsyncCancel::new(user_data(Op::SessionRecv, k))
+                    .build()
+                    .user_data(user_data(Op::Cancel, k));
+                self.push(&e);
+            }
+            // Every stream of the session ends with it.
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            if !s.core.is_closed() {
+                s.core.handle_connection_lost("session closed");
+            }
+            let streams: Vec<Key> = s.streams.values().copied().collect();
+            for st in streams {
+                self.close_stream(st, true, None);
+            }
+        }
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        // Keep flushing until written, failed or out of time.
+        let pending = s.out_sent < s.out.len() && s.splice.is_none();
+        let (_, deadline) = s.ending.as_ref().expect("set above");
+        let timed_out = now >= *deadline;
+        if pending && !s.write_failed && !timed_out {
+            if !s.send_inflight && !s.poll_inflight {
+                let fd = s.sock.as_raw_fd();
+                let ptr = s.out[s.out_sent..].as_ptr();
+                let len = (s.out.len() - s.out_sent) as u32;
+                s.send_inflight = true;
+                s.inflight += 1;
+                let e = opcode::Send::new(types::Fd(fd), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data(Op::SessionSend, k));
+                self.push(&e);
+            }
+            return;
+        }
+        if s.inflight > 0 {
+            if timed_out || s.write_failed {
+                let sk = k;
+                for op in [Op::SessionSend, Op::SessionPollOut, Op::SessionRecv] {
+                    let e = opcode::AsyncCancel::new(user_data(op, sk))
+                        .build()
+                        .user_data(user_data(Op::Cancel, sk));
+                    self.push(&e);
+                }
+                // Make sure the cancels do not repeat every turn.
+                if let Some(s) = self.sessions.get(k) {
+                    s.write_failed = true;
+                    if let Some(e) = s.ending.as_mut() {
+                        e.1 = now + Duration::from_secs(3600);
+                    }
+                }
+            }
+            return;
+        }
+        // Nothing in flight: close.
+        let Some(s) = self.sessions.remove(k) else {
+            return;
+        };
+        let _ = SockRef::from(&s.sock).shutdown(std::net::Shutdown::Both);
+        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        if let SessionRole::Server { services } = &s.role {
+            for svc in services {
+                self.board.remove(svc, self.index);
+            }
+        }
+        let stats = self.stats.clone();
+        let now_stats = s.core.stats();
+        let d = |a: u64, b: u64| a.wrapping_sub(b);
+        stats
+            .streams
+            .fetch_sub(s.published.streams as u64, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(
+            d(now_stats.data_bytes_sent, s.published.data_bytes_sent),
+            Ordering::Relaxed,
+        );
+        stats.bytes_received.fetch_add(
+            d(now_stats.data_bytes_received, s.published.data_bytes_received),
+            Ordering::Relaxed,
+        );
+        stats
+            .recv_buffered
+            .fetch_sub(s.published.recv_buffered, Ordering::Relaxed);
+        stats
+            .recv_windows
+            .fetch_sub(s.published.recv_windows, Ordering::Relaxed);
+        let peer_fault = s.core.error().is_some_and(|e| e.is_peer_fault());
+        let role = s.core.config().role;
+        let side = match (peer_fault, role) {
+            (true, Role::Server) => "client side",
+            (true, Role::Client) => "server side",
+            (false, _) => "connection",
+        };
+        let why = s.ending.and_then(|e| e.0);
+        match &why {
+            None => info!(session = s.id, peer = %s.peer_name, "session closed cleanly"),
+            Some(e) => warn!(session = s.id, peer = %s.peer_name, "session ended ({side}): {e}"),
+        }
+        if let Some(done) = s.done {
+            let _ = done.send(SessionEnd { error: why });
+        }
+    }
+
+    fn open_service_stream(
+        &mut self,
+        k: Key,
+        id: StreamId,
+        service: String,
+        visitor: Option<SocketAddr>,
+    ) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        let target: Option<LocalService> = match &s.role {
+            SessionRole::Client { services } => services.get(&service).cloned(),
+            SessionRole::Server { .. } => {
+                // Protocol version 1 has no client-initiated streams.
+                s.core.stream_reset(id, ResetCode::Refused);
+                return;
+            }
+        };
+        let Some(target) = target else {
+            warn!(session = s.id, %service, "server opened a stream for a service this client does not offer");
+            s.core.stream_reset(id, ResetCode::UnknownService);
+            return;
+        };
+        let sid = s.id;
+        let splice = s.can_splice;
+        let addr = match resolve(&target.addr) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(session = sid, %id, %service, addr = %target.addr, "service unavailable (service side): {e}");
+                if let Some(s) = self.sessions.get(k) {
+                    s.core.stream_reset(id, ResetCode::ServiceUnavailable);
+                }
+                return;
+            }
+        };
+        let sock = match socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM.nonblocking().cloexec(),
+            None,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(session = sid, %id, %service, "cannot create a socket for the service: {e}");
+                if let Some(s) = self.sessions.get(k) {
+                    s.core.stream_reset(id, ResetCode::Internal);
+                }
+                return;
+            }
+        };
+        debug!(session = sid, %id, %service, ?visitor, "dialling service");
+        let sock: TcpStream = sock.into();
+        let st = self.new_stream(k, id, sock, LocalEnd::Service, Arc::from(service.as_str()), StreamState::Connecting, splice);
+        if let Some(s) = self.sessions.get(k) {
+            s.streams.insert(id, st);
+        }
+        let Some(slot) = self.streams.get(st) else {
+            return;
+        };
+        let sa = Box::new(SockAddr::from(addr));
+        let (ptr, len) = (sa.as_ptr(), sa.len());
+        slot.connect_addr = Some(sa);
+        slot.inflight += 2;
+        let fd = slot.sock.as_raw_fd();
+        let ts = Box::new(types::Timespec::from(target.connect_timeout));
+        let ts_ptr: *const types::Timespec = &*ts;
+        slot.connect_timeout = Some(ts);
+        let connect = opcode::Connect::new(types::Fd(fd), ptr.cast(), len)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(Op::Connect, st));
+        let timeout = opcode::LinkTimeout::new(ts_ptr)
+            .build()
+            .user_data(user_data(Op::ConnectTimeout, st));
+        self.push(&connect);
+        self.push(&timeout);
+    }
+
+    // ----- streams -------------------------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_stream(
+        &mut self,
+        session: Key,
+        id: StreamId,
+        sock: TcpStream,
+        end: LocalEnd,
+        service: Arc<str>,
+        state: StreamState,
+        splice: bool,
+    ) -> Key {
+        let _ = sock.set_nodelay(true);
+        let _ = sock.set_nonblocking(true);
+        self.streams.insert(StreamSlot {
+            sock,
+            session,
+            id,
+            end,
+            state,
+            connect_addr: None,
+            connect_timeout: None,
+            service,
+            recv_armed: false,
+            starved: false,
+            send_inflight: false,
+            poll_armed: false,
+            inflight: 0,
+            sending: None,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            held_on_ring: false,
+            recv_cancelling: false,
+            read_eof: false,
+            fin_queued: false,
+            write_done: false,
+            pipe: None,
+            pipe_bytes: 0,
+            splice_mode: splice,
+            in_splice_ready: false,
+            closing: None,
+        })
+    }
+
+    fn on_connect(&mut self, k: Key, res: i32) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        st.inflight -= 1;
+        if st.closing.is_some() {
+            self.dirty_streams.push(k);
+            return;
+        }
+        if res < 0 {
+            let sk = st.session;
+            let id = st.id;
+            let service = st.service.clone();
+            let why = if res == -libc::ECANCELED {
+                "no answer within the connect timeout".to_string()
+            } else {
+                io::Error::from_raw_os_error(-res).to_string()
+            };
+            if let Some(s) = self.sessions.get(sk) {
+                warn!(session = s.id, %id, %service, "service unavailable (service side): {why}");
+            }
+            self.close_stream(k, false, Some(ResetCode::ServiceUnavailable));
+            return;
+        }
+        st.state = StreamState::Open;
+        self.dirty_streams.push(k);
+    }
+
+    fn on_stream_recv(&mut self, k: Key, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let data = if res > 0 {
+            cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
+        } else {
+            None
+        };
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if !more {
+            st.recv_armed = false;
+            st.recv_cancelling = false;
+            st.inflight -= 1;
+        }
+        if st.closing.is_some() {
+            self.dirty_streams.push(k);
+            return;
+        }
+        match data {
+            Some(d) => {
+                st.held_bytes += d.len();
+                st.held.push_back(d);
+                st.held_on_ring = true;
+            }
+            None if res == 0 => st.read_eof = true,
+            None if res == -libc::ENOBUFS => {
+                st.starved = true;
+                self.starved.push(k);
+            }
+            None if res == -libc::ECANCELED => {}
+            None => {
+                let e = io::Error::from_raw_os_error(-res);
+                let code = st.end.error_code();
+                debug!(stream = %st.id, "stream reset ({} side): reading: {e}", st.end.name());
+                self.close_stream(k, false, Some(code));
+                return;
+            }
+        }
+        self.dirty_streams.push(k);
+    }
+
+    fn on_stream_send(&mut self, k: Key, res: i32) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        st.send_inflight = false;
+        st.inflight -= 1;
+        if st.closing.is_some() {
+            st.sending = None;
+            self.dirty_streams.push(k);
+            return;
+        }
+        if res <= 0 {
+            let e = if res == 0 {
+                io::Error::from(io::ErrorKind::WriteZero)
+            } else {
+                io::Error::from_raw_os_error(-res)
+            };
+            let code = st.end.error_code();
+            debug!(stream = %st.id, "stream reset ({} side): writing: {e}", st.end.name());
+            st.sending = None;
+            self.close_stream(k, false, Some(code));
+            return;
+        }
+        if let Some(b) = st.sending.as_mut() {
+            b.advance(res as usize);
+            if b.is_empty() {
+                st.sending = None;
+            }
+        }
+        self.dirty_streams.push(k);
+    }
+
+    fn on_stream_pollin(&mut self, k: Key, res: i32, flags: u32) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if !cqueue::more(flags) {
+            st.poll_armed = false;
+            st.inflight -= 1;
+        }
+        if res < 0 && res != -libc::ECANCELED && st.closing.is_none() {
+            let code = st.end.error_code();
+            self.close_stream(k, false, Some(code));
+            return;
+        }
+        self.dirty_streams.push(k);
+    }
+
+    /// Moves bytes between one local socket and its stream, within the credit the core allows.
+    fn serve_stream(&mut self, k: Key) {
+        let now = Instant::now();
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.closing.is_some() {
+            self.finish_close(k);
+            return;
+        }
+        if st.state == StreamState::Connecting {
+            return;
+        }
+        let sk = st.session;
+        let id = st.id;
+        let Some(s) = self.sessions.get(sk) else {
+            self.close_stream(k, true, None);
+            return;
+        };
+        if !s.core.stream_exists(id) {
+            // Reset by the peer or the session: abort the local connection too.
+            self.close_stream(k, true, None);
+            return;
+        }
+        let mut session_dirty = false;
+        // Session -> local socket.
+        let st = self.streams.get(k).expect("checked above");
+        if !st.send_inflight && st.sending.is_none() && !st.write_done {
+            let s = self.sessions.get(sk).expect("checked above");
+            match s.core.stream_read(now, id, WRITE_CHUNK) {
+                Readable::Data(b) => {
+                    let st = self.streams.get(k).expect("checked above");
+                    st.sending = Some(b);
+                }
+                Readable::Fin => {
+                    let st = self.streams.get(k).expect("checked above");
+                    st.write_done = true;
+                    let _ = SockRef::from(&st.sock).shutdown(std::net::Shutdown::Write);
+                }
+                Readable::Pending => {}
+                Readable::Gone => {
+                    self.close_stream(k, true, None);
+                    return;
+                }
+            }
+            session_dirty = true;
+        }
+        let st = self.streams.get(k).expect("checked above");
+        if !st.send_inflight {
+            if let Some(b) = st.sending.as_ref() {
+                let e = opcode::Send::new(types::Fd(st.sock.as_raw_fd()), b.as_ptr(), b.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data(Op::StreamSend, k));
+                st.send_inflight = true;
+                st.inflight += 1;
+                self.push(&e);
+            }
+        }
+        // Local socket -> session.
+        let st = self.streams.get(k).expect("checked above");
+        if !st.fin_queued {
+            let s = self.sessions.get(sk).expect("checked above");
+            let mut cap = s.core.stream_send_capacity(id);
+            let st = self.streams.get(k).expect("checked above");
+            while cap > 0 {
+                let Some(mut b) = st.held.pop_front() else {
+                    break;
+                };
+                let part = if b.len() > cap {
+                    let head = b.split_to(cap);
+                    // Copy the rest off the ring: a stalled stream must not pin its buffers.
+                    st.held.push_front(Bytes::copy_from_slice(&b));
+                    head
+                } else {
+                    b
+                };
+                st.held_bytes -= part.len();
+                cap -= part.len();
+                let s = self.sessions.get(sk).expect("checked above");
+                if let Err(e) = s.core.stream_write(id, part) {
+                    self.close_stream(k, false, Some(ResetCode::Internal));
+                    debug!(%id, "stream write refused: {e}");
+                    return;
+                }
+                session_dirty = true;
+            }
+            let st = self.streams.get(k).expect("checked above");
+            if cap == 0 && st.held_on_ring {
+                // Over credit: keep what arrived, but off the ring, so a stalled stream never
+                // pins the shard's receive buffers.
+                for b in st.held.iter_mut() {
+                    *b = Bytes::copy_from_slice(b);
+                }
+                st.held_on_ring = false;
+            }
+            let st = self.streams.get(k).expect("checked above");
+            if st.splice_mode && st.held.is_empty() && !st.read_eof {
+                self.splice_in(k, cap);
+            }
+            let st = self.streams.get(k).expect("checked above");
+            if st.held.is_empty() && st.read_eof && st.pipe_bytes == 0 && !st.fin_queued {
+                st.fin_queued = true;
+                let s = self.sessions.get(sk).expect("checked above");
+                let _ = s.core.stream_finish(id);
+                session_dirty = true;
+            }
+            let st = self.streams.get(k).expect("checked above");
+            let want_recv = !st.splice_mode
+                && cap > 0
+                && !st.read_eof
+                && !st.recv_armed
+                && !st.starved
+                && st.held.is_empty();
+            if want_recv {
+                self.arm_stream_recv(k);
+            }
+            let st = self.streams.get(k).expect("checked above");
+            if cap == 0 && st.recv_armed && !st.recv_cancelling {
+                st.recv_cancelling = true;
+                // Out of credit: stop receiving until credit returns (StreamWritable).
+                let e = opcode::AsyncCancel::new(user_data(Op::StreamRecv, k))
+                    .build()
+                    .user_data(user_data(Op::Cancel, k));
+                self.push(&e);
+            }
+        }
+        if session_dirty {
+            self.dirty_sessions.push(sk);
+        }
+        // Both directions done: the stream completed.
+        let st = self.streams.get(k).expect("checked above");
+        if st.fin_queued && st.write_done && st.sending.is_none() && !st.send_inflight {
+            self.close_stream(k, false, None);
+        }
+    }
+
+    fn arm_stream_recv(&mut self, k: Key) {
+        let bgid = self.bufs.bgid();
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        st.recv_armed = true;
+        st.inflight += 1;
+        let e = opcode::RecvMulti::new(types::Fd(st.sock.as_raw_fd()), bgid)
+            .build()
+            .user_data(user_data(Op::StreamRecv, k));
+        self.push(&e);
+    }
+
+    /// Splice mode: moves what the local socket has (within credit) into the stream's pipe.
+    fn splice_in(&mut self, k: Key, cap: usize) {
+        let credit = {
+            let Some(st) = self.streams.get(k) else {
+                return;
+            };
+            let (sk, id) = (st.session, st.id);
+            let Some(s) = self.sessions.get(sk) else {
+                return;
+            };
+            let _ = cap;
+            s.core.stream_send_credit(id) as usize
+        };
+        let pipe_size = self.cfg.pipe_size;
+        let pool_max = self.cfg.pipe_pool;
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.pipe.is_none() {
+            let pipe = match self.pipes.pop() {
+                Some(p) => Some(p),
+                None if self.pipes_out < pool_max => Pipe::new(pipe_size).ok(),
+                None => None,
+            };
+            let st = self.streams.get(k).expect("checked above");
+            match pipe {
+                Some(p) => {
+                    st.pipe = Some(p);
+                    self.pipes_out += 1;
+                }
+                None => {
+                    // Pool empty: this stream copies instead, for the rest of its life.
+                    st.splice_mode = false;
+                    if st.poll_armed {
+                        let e = opcode::AsyncCancel::new(user_data(Op::StreamPollIn, k))
+                            .build()
+                            .user_data(user_data(Op::Cancel, k));
+                        self.push(&e);
+                    }
+                    self.dirty_streams.push(k);
+                    return;
+                }
+            }
+        }
+        let st = self.streams.get(k).expect("checked above");
+        let pipe = st.pipe.as_ref().expect("set above");
+        let room = pipe
+            .capacity
+            .saturating_sub(st.pipe_bytes)
+            .min(credit.saturating_sub(st.pipe_bytes));
+        if room == 0 {
+            self.release_pipe(k);
+            return;
+        }
+        let mut eof = false;
+        let mut failed = None;
+        let st = self.streams.get(k).expect("checked above");
+        let pipe = st.pipe.as_ref().expect("set above");
+        match sys::splice(st.sock.as_raw_fd(), pipe.write.as_raw_fd(), room) {
+            Ok(0) => eof = true,
+            Ok(n) => st.pipe_bytes += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => failed = Some(e),
+        }
+        if let Some(e) = failed {
+            let code = st.end.error_code();
+            debug!(stream = %st.id, "stream reset ({} side): reading: {e}", st.end.name());
+            self.close_stream(k, false, Some(code));
+            return;
+        }
+        if eof {
+            st.read_eof = true;
+        }
+        if st.pipe_bytes > 0 {
+            if !st.in_splice_ready {
+                st.in_splice_ready = true;
+                let sk = st.session;
+                if let Some(s) = self.sessions.get(sk) {
+                    s.splice_ready.push_back(k);
+                }
+                self.dirty_sessions.push(sk);
+            }
+        } else {
+            self.release_pipe(k);
+            let st = self.streams.get(k).expect("checked above");
+            if st.read_eof {
+                self.dirty_streams.push(k);
+            } else if !st.poll_armed {
+                // Wait for the socket to become readable again.
+                st.poll_armed = true;
+                st.inflight += 1;
+                let e = opcode::PollAdd::new(types::Fd(st.sock.as_raw_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(user_data(Op::StreamPollIn, k));
+                self.push(&e);
+            }
+        }
+    }
+
+    /// Returns an empty pipe to the pool (a pipe with bytes stays with its stream).
+    fn release_pipe(&mut self, k: Key) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.pipe_bytes > 0 {
+            return;
+        }
+        if let Some(p) = st.pipe.take() {
+            self.pipes_out -= 1;
+            self.pipes.push(p);
+        }
+    }
+
+    /// Starts tearing a stream down. `abort` resets the local connection (RST) instead of a
+    /// clean close; `code` resets the stream towards the peer.
+    fn close_stream(&mut self, k: Key, abort: bool, code: Option<ResetCode>) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.closing.is_some() {
+            return;
+        }
+        let abort = abort || code.is_some();
+        st.closing = Some(abort);
+        let (sk, id) = (st.session, st.id);
+        let ops: Vec<Op> = [
+            (st.recv_armed, Op::StreamRecv),
+            (st.send_inflight, Op::StreamSend),
+            (st.poll_armed, Op::StreamPollIn),
+            (st.state == StreamState::Connecting, Op::Connect),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, op)| *op)
+        .collect();
+        if abort {
+            let _ = SockRef::from(&st.sock).set_linger(Some(Duration::ZERO));
+        }
+        for op in ops {
+            let e = opcode::AsyncCancel::new(user_data(op, k))
+                .build()
+                .user_data(user_data(Op::Cancel, k));
+            self.push(&e);
+        }
+        if let Some(s) = self.sessions.get(sk) {
+            if let Some(code) = code {
+                if s.core.stream_exists(id) {
+                    s.core.stream_reset(id, code);
+                    self.dirty_sessions.push(sk);
+                }
+            }
+            if let Some(s) = self.sessions.get(sk) {
+                s.streams.remove(&id);
+                s.splice_ready.retain(|x| *x != k);
+            }
+        }
+        self.finish_close(k);
+    }
+
+    fn finish_close(&mut self, k: Key) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.inflight > 0 {
+            return;
+        }
+        // A pipe mid-frame stays until the session is done with it.
+        let sk = st.session;
+        if self
+            .sessions
+            .get(sk)
+            .is_some_and(|s| s.splice.as_ref().is_some_and(|sp| sp.stream == k))
+        {
+            return;
+        }
+        let Some(mut st) = self.streams.remove(k) else {
+            return;
+        };
+        if let Some(p) = st.pipe.take() {
+            self.pipes_out -= 1;
+            if st.pipe_bytes == 0 {
+                self.pipes.push(p);
+            }
+        }
+        // Dropping the socket closes it; with linger 0 that is an RST.
+        drop(st);
+    }
+
+    // ----- the loop's bookkeeping -----------------------------------------------------------
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let Some((op, k)) = decode(ud) else {
+            return;
+        };
+        match op {
+            Op::Mailbox => {
+                self.mailbox_armed = false;
+                self.arm_mailbox();
+            }
+            Op::Accept => self.on_accept(k, res, cqueue::more(flags)),
+            Op::SessionRecv => self.on_session_recv(k, res, flags),
+            Op::SessionSend => self.on_session_send(k, res),
+            Op::SessionPollOut => self.on_session_pollout(k, res),
+            Op::StreamRecv => self.on_stream_recv(k, res, flags),
+            Op::StreamSend => self.on_stream_send(k, res),
+            Op::StreamPollIn => self.on_stream_pollin(k, res, flags),
+            Op::Connect => self.on_connect(k, res),
+            Op::ConnectTimeout => {
+                if let Some(st) = self.streams.get(k) {
+                    st.inflight -= 1;
+                    // Connect and its timeout have both completed only when this arrives
+                    // after the connect; keep the address and timespec until then.
+                    if st.state != StreamState::Connecting || st.closing.is_some() {
+                        st.connect_addr = None;
+                        st.connect_timeout = None;
+                    }
+                    self.dirty_streams.push(k);
+                }
+            }
+            Op::Cancel => {}
+        }
+    }
+
+    /// Serves everything the last completions touched, until nothing changes.
+    fn serve(&mut self) {
+        for k in std::mem::take(&mut self.listeners_need_arm) {
+            self.arm_accept(k);
+        }
+        self.bufs.recycle();
+        if !self.starved.is_empty() && self.bufs.available() > 0 {
+            for k in std::mem::take(&mut self.starved) {
+                if let Some(st) = self.streams.get(k) {
+                    st.starved = false;
+                    self.dirty_streams.push(k);
+                } else if self.sessions.get(k).is_some() {
+                    self.arm_session_recv(k);
+                }
+            }
+        }
+        for _ in 0..SERVE_ROUNDS {
+            if self.dirty_streams.is_empty() && self.dirty_sessions.is_empty() {
+                break;
+            }
+            let mut streams = std::mem::take(&mut self.dirty_streams);
+            streams.sort_unstable_by_key(|k| (k.index, k.gen));
+            streams.dedup();
+            for k in streams {
+                self.serve_stream(k);
+            }
+            let mut sessions = std::mem::take(&mut self.dirty_sessions);
+            sessions.sort_unstable_by_key(|k| (k.index, k.gen));
+            sessions.dedup();
+            for k in sessions {
+                self.serve_session(k);
+            }
+            self.bufs.recycle();
+        }
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for k in self.sessions.keys() {
+            if let Some(s) = self.sessions.get(k) {
+                let d = match &s.ending {
+                    Some((_, d)) => Some(*d),
+                    None => s.core.poll_timeout(),
+                };
+                if let Some(d) = d {
+                    next = Some(next.map_or(d, |n| n.min(d)));
+                }
+            }
+        }
+        if !self.dirty_sessions.is_empty() || !self.dirty_streams.is_empty() {
+            return Some(Instant::now());
+        }
+        next
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        for k in self.sessions.keys() {
+            if let Some(s) = self.sessions.get(k) {
+                match &s.ending {
+                    Some((_, d)) if *d <= now => self.dirty_sessions.push(k),
+                    Some(_) => {}
+                    None => {
+                        if s.core.poll_timeout().is_some_and(|d| d <= now) {
+                            let _ = s.core.handle_timeout(now);
+                            self.dirty_sessions.push(k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops: every session and stream is dropped; waits for in-flight operations briefly so
+    /// no buffer is freed under the kernel.
+    fn shutdown(&mut self) {
+        for k in self.listeners.keys() {
+            self.close_listener(k);
+        }
+        for k in self.streams.keys() {
+            self.close_stream(k, true, None);
+        }
+        for k in self.sessions.keys() {
+            if let Some(s) = self.sessions.get(k) {
+                if s.ending.is_none() {
+                    s.core.handle_connection_lost("shard stopped");
+                    s.ending = Some((Some("shard stopped".into()), Instant::now()));
+                }
+                s.write_failed = true;
+            }
+            for op in [Op::SessionSend, Op::SessionPollOut, Op::SessionRecv] {
+                let e = opcode::AsyncCancel::new(user_data(op, k))
+                    .build()
+                    .user_data(user_data(Op::Cancel, k));
+                self.push(&e);
+            }
+        }
+        let give_up = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < give_up {
+            let busy = self
+                .sessions
+                .keys()
+                .iter()
+                .any(|k| self.sessions.get(*k).is_some_and(|s| s.inflight > 0))
+                || self
+                    .streams
+                    .keys()
+                    .iter()
+                    .any(|k| self.streams.get(*k).is_some_and(|s| s.inflight > 0))
+                || !self.listeners.keys().is_empty();
+            if !busy {
+                break;
+            }
+            let ts = types::Timespec::from(Duration::from_millis(10));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let cqes: Vec<(u64, i32, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags()))
+                .collect();
+            for (ud, res, flags) in cqes {
+                self.complete(ud, res, flags);
+            }
+            for k in self.streams.keys() {
+                self.finish_close(k);
+            }
+        }
+        for k in self.sessions.keys() {
+            if let Some(s) = self.sessions.get(k) {
+                s.inflight = 0;
+            }
+            self.check_session_end(k);
+        }
+    }
+}
+
+enum SpliceStep {
+    Done,
+    Wait,
+    Failed,
+}
+
+/// Feeds received TLS records to rustls and appends the plaintext to `plain`.
+fn feed_tls(tls: &mut rustls::Connection, mut data: &[u8], plain: &mut BytesMut) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = tls.read_tls(&mut data)?;
+        if n == 0 {
+            break;
+        }
+        let state = tls
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let avail = state.plaintext_bytes_to_read();
+        if avail > 0 {
+            let start = plain.len();
+            plain.resize(start + avail, 0);
+            let n = tls.reader().read(&mut plain[start..])?;
+            plain.truncate(start + n);
+        }
+    }
+    Ok(())
+}
+
+/// A service address: parsed directly when it is an IP:port (the usual case), otherwise
+/// resolved through the system resolver (blocking, once per dial).
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
+}
+

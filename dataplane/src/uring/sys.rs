@@ -1,0 +1,112 @@
+//! Thin, checked wrappers over the few raw syscalls the shard loop makes itself.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `uname -r`.
+pub(crate) fn kernel_release() -> String {
+    // SAFETY: `utsname` is plain data; uname fills it and returns 0 on success.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let c = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    c.to_string_lossy().into_owned()
+}
+
+/// `RLIMIT_MEMLOCK` soft limit in bytes.
+pub(crate) fn memlock_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } != 0 {
+        return 0;
+    }
+    rl.rlim_cur
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd: the wake for a shard's command queue.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned by the returned OwnedFd.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd. EAGAIN (counter saturated) still means the reader will wake.
+pub(crate) fn eventfd_wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an fd we own.
+    let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// A splice pipe: both ends non-blocking, capacity raised towards `size`.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    pub(crate) read: OwnedFd,
+    pub(crate) write: OwnedFd,
+    /// Capacity the kernel granted.
+    pub(crate) capacity: usize,
+}
+
+impl Pipe {
+    pub(crate) fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a pipe fd we own. A refusal (EPERM over the per-user limit) keeps
+        // the default size.
+        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        let capacity = if got > 0 {
+            got as usize
+        } else {
+            // SAFETY: as above, read-only query.
+            let cur = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if cur > 0 {
+                cur as usize
+            } else {
+                64 * 1024
+            }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// Non-blocking `splice(2)` of up to `len` bytes between two fds (one must be a pipe).
+/// `Ok(0)` is end of file on the input.
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on fds the caller owns; no user memory is touched.
+    let r = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
