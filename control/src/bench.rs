@@ -89,6 +89,9 @@ pub struct BenchOptions {
     pub rr_connections: u32,
     /// Session transport between the in-process client and server.
     pub transport: Transport,
+    /// Data plane of both roles, overriding `tuning.backend` of the file; `None`: the file's
+    /// (or `auto`).
+    pub backend: Option<crate::backend::Backend>,
     /// Draw a progress bar on stderr (only done when stderr is a terminal).
     pub progress: bool,
 }
@@ -148,6 +151,9 @@ pub struct BenchResult {
     pub options: BenchOptions,
     pub server: RoleTuning,
     pub client: RoleTuning,
+    /// The data plane each role ran on (what `tuning.backend` resolved to).
+    pub server_backend: crate::backend::BackendKind,
+    pub client_backend: crate::backend::BackendKind,
     /// Sessions the client opened (one per server shard).
     pub sessions: u32,
     /// Service to visitor.
@@ -189,6 +195,11 @@ impl BenchResult {
         json!({
             "schema": SCHEMA,
             "transport": o.transport.as_str(),
+            "backend": self.backend(),
+            "backends": {
+                "server": self.server_backend.as_str(),
+                "client": self.client_backend.as_str(),
+            },
             "params": {
                 "config": o.config.as_ref().map(|p| p.display().to_string()),
                 "bytes": o.bytes,
@@ -215,12 +226,30 @@ impl BenchResult {
         })
     }
 
+    /// The data plane the run used: `uring` or `compat`, or `mixed` when the two roles ran on
+    /// different ones (see `backends`).
+    pub fn backend(&self) -> &'static str {
+        if self.server_backend == self.client_backend {
+            self.server_backend.as_str()
+        } else {
+            "mixed"
+        }
+    }
+
     /// The human-readable summary.
     pub fn render(&self) -> String {
         let o = &self.options;
         let (s, c) = (&self.server, &self.client);
+        let backend = if self.server_backend == self.client_backend {
+            format!("backend {}", self.server_backend)
+        } else {
+            format!(
+                "backend {} (server), {} (client)",
+                self.server_backend, self.client_backend
+            )
+        };
         let mut out = format!(
-            "warren bench: tunnel server and client in this process on loopback, {} session(s), transport {}\n\n",
+            "warren bench: tunnel server and client in this process on loopback, {} session(s), transport {}, {backend}\n\n",
             self.sessions,
             o.transport.as_str()
         );
@@ -234,7 +263,12 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 9] = [
+        let rows: [(&str, String, String); 13] = [
+            (
+                "backend",
+                s.tuning.backend.to_string(),
+                c.tuning.backend.to_string(),
+            ),
             ("shards", s.shards.to_string(), c.shards.to_string()),
             ("cores", cores(&s.tuning), cores(&c.tuning)),
             (
@@ -271,6 +305,21 @@ impl BenchResult {
                 "max_streams_per_session",
                 s.tuning.max_streams_per_session.to_string(),
                 c.tuning.max_streams_per_session.to_string(),
+            ),
+            (
+                "buffer_count",
+                s.tuning.buffer_count.to_string(),
+                c.tuning.buffer_count.to_string(),
+            ),
+            (
+                "pipe_size_bytes",
+                size(s.tuning.pipe_size_bytes),
+                size(c.tuning.pipe_size_bytes),
+            ),
+            (
+                "pipe_pool_size",
+                s.tuning.pipe_pool_size.to_string(),
+                c.tuning.pipe_pool_size.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -359,6 +408,10 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "quantum_bytes": t.quantum_bytes,
         "read_buffer_bytes": t.read_buffer_bytes,
         "max_streams_per_session": t.max_streams_per_session,
+        "backend": t.backend.as_str(),
+        "buffer_count": t.buffer_count,
+        "pipe_size_bytes": t.pipe_size_bytes,
+        "pipe_pool_size": t.pipe_pool_size,
     })
 }
 
@@ -504,7 +557,11 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchResult> {
     if options.rr_duration.is_zero() {
         bail!("--rr-seconds must be above 0");
     }
-    let (server_tuning, client_tuning) = load_tuning(options.config.as_deref())?;
+    let (mut server_tuning, mut client_tuning) = load_tuning(options.config.as_deref())?;
+    if let Some(b) = options.backend {
+        server_tuning.tuning.backend = b;
+        client_tuning.tuning.backend = b;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("warren-bench")
@@ -535,6 +592,7 @@ async fn run_async(
     .await;
     let result = match tunnel {
         Ok((server, client, sessions)) => {
+            let backends = (server.backend(), client.backend());
             let measured = measure(options, &server).await;
             client.shutdown().await;
             server.shutdown().await;
@@ -542,6 +600,8 @@ async fn run_async(
                 options: options.clone(),
                 server: server_tuning,
                 client: client_tuning,
+                server_backend: backends.0,
+                client_backend: backends.1,
                 sessions,
                 download,
                 upload,

@@ -13,18 +13,19 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 use warren_compat::transport::SessionIo;
 use warren_compat::{
-    LocalService, RouteBoard, SessionHandoff, SessionRole, ShardCommand, ShardSetConfig, Shards,
+    LocalService, RouteBoard, SessionHandoff, SessionRole, ShardCommand, ShardSetConfig,
 };
 use warren_proto::handshake::{Accepted, ClientHandshake, ClientHandshakeConfig, Token};
 use warren_proto::session::Role;
 
+use crate::backend::{BackendKind, DataPlane};
 use crate::config::{ClientConfig, Transport};
 use crate::setup::{allowed_cpus, exchange, local_params, random_u64, session_config};
 
 /// A running client. Stop it with [`Client::shutdown`].
 #[derive(Debug)]
 pub struct Client {
-    shards: Arc<Shards>,
+    shards: Arc<DataPlane>,
     stop: watch::Sender<bool>,
     slots: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
@@ -34,7 +35,7 @@ pub struct Client {
 struct Ctx {
     cfg: ClientConfig,
     tls: Option<crate::tls::ClientTls>,
-    shards: Arc<Shards>,
+    shards: Arc<DataPlane>,
     services: Arc<HashMap<String, LocalService>>,
     instance_id: u64,
     /// Sessions currently up, for `wait_connected` and logs.
@@ -52,18 +53,22 @@ impl Client {
             }
         };
         let shard_count = cfg.tuning.shard_count(allowed_cpus());
-        let shards = Arc::new(
-            Shards::start(
-                ShardSetConfig {
-                    count: shard_count,
-                    cores: cfg.tuning.cores.clone(),
-                    name: "client",
-                    read_buffer: cfg.tuning.read_buffer_bytes as usize,
-                    queue_capacity: 1024,
-                },
-                Arc::new(RouteBoard::new([], shard_count)),
-            )
-            .context("starting shard threads")?,
+        let shards = Arc::new(DataPlane::start(
+            &cfg.tuning,
+            ShardSetConfig {
+                count: shard_count,
+                cores: cfg.tuning.cores.clone(),
+                name: "client",
+                read_buffer: cfg.tuning.read_buffer_bytes as usize,
+                queue_capacity: 1024,
+            },
+            Arc::new(RouteBoard::new([], shard_count)),
+        )?);
+        info!(
+            server = %cfg.server_addr,
+            shards = shard_count,
+            backend = %shards.kind(),
+            "client started; connecting"
         );
         let services = Arc::new(
             cfg.services
@@ -101,8 +106,13 @@ impl Client {
     }
 
     /// The shards, for counters.
-    pub fn shards(&self) -> &Shards {
+    pub fn shards(&self) -> &DataPlane {
         &self.shards
+    }
+
+    /// The data plane running (what `tuning.backend` resolved to).
+    pub fn backend(&self) -> BackendKind {
+        self.shards.kind()
     }
 
     /// Waits until at least `n` sessions are up, or `limit` passes. Returns whether they are.

@@ -21,6 +21,8 @@ use std::str::FromStr;
 use sha2::{Digest, Sha256};
 use toml::{Table, Value};
 
+pub use crate::backend::Backend;
+
 const KIB: u32 = 1024;
 const MIB: u32 = 1024 * KIB;
 const GIB: u32 = 1024 * MIB;
@@ -391,11 +393,23 @@ pub struct Tuning {
     /// gets to send (1 KiB to 16 MiB).
     pub quantum_bytes: u32,
     /// `read_buffer_bytes`: bytes read from a visitor or service socket per read, and half of
-    /// what one stream may queue for sending (4 KiB to 4 MiB).
+    /// what one stream may queue for sending (4 KiB to 4 MiB). With io_uring it is also the
+    /// size of each provided receive buffer.
     pub read_buffer_bytes: u32,
     /// `max_streams_per_session`: concurrent streams per session. Extra OPENs are refused
     /// (1 to 1,000,000).
     pub max_streams_per_session: u32,
+    /// `backend`: which data plane runs (`auto` probes io_uring and falls back to compat).
+    pub backend: Backend,
+    /// `buffer_count`: provided receive buffers per shard, io_uring only (64 to 32768; the data
+    /// plane rounds it up to a power of two). Each is `read_buffer_bytes` long.
+    pub buffer_count: u32,
+    /// `pipe_size_bytes`: capacity asked of each splice pipe, io_uring only (4 KiB to 16 MiB;
+    /// the kernel caps it at `fs.pipe-max-size`).
+    pub pipe_size_bytes: u32,
+    /// `pipe_pool_size`: pipes per shard for splicing plain-TCP payloads, io_uring only
+    /// (0 turns splice off, at most 65536).
+    pub pipe_pool_size: u32,
 }
 
 impl Default for Tuning {
@@ -410,6 +424,10 @@ impl Default for Tuning {
             quantum_bytes: 64 * KIB,
             read_buffer_bytes: 64 * KIB,
             max_streams_per_session: 16_384,
+            backend: Backend::Auto,
+            buffer_count: 4096,
+            pipe_size_bytes: MIB,
+            pipe_pool_size: 256,
         }
     }
 }
@@ -451,6 +469,10 @@ pub fn known_keys() -> &'static [&'static str] {
         "server.tuning.quantum_bytes",
         "server.tuning.read_buffer_bytes",
         "server.tuning.max_streams_per_session",
+        "server.tuning.backend",
+        "server.tuning.buffer_count",
+        "server.tuning.pipe_size_bytes",
+        "server.tuning.pipe_pool_size",
         "client.server_addr",
         "client.name",
         "client.token",
@@ -476,6 +498,10 @@ pub fn known_keys() -> &'static [&'static str] {
         "client.tuning.quantum_bytes",
         "client.tuning.read_buffer_bytes",
         "client.tuning.max_streams_per_session",
+        "client.tuning.backend",
+        "client.tuning.buffer_count",
+        "client.tuning.pipe_size_bytes",
+        "client.tuning.pipe_pool_size",
     ]
 }
 
@@ -1405,6 +1431,10 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
         d.max_streams_per_session,
         1..=1_000_000,
     );
+    let backend = t.optional_parsed("backend", str::parse::<Backend>);
+    let buffer_count = t.u32_or("buffer_count", d.buffer_count, 64..=32_768);
+    let pipe_size = t.u32_or("pipe_size_bytes", d.pipe_size_bytes, 4 * KIB..=16 * MIB);
+    let pipe_pool = t.u32_or("pipe_pool_size", d.pipe_pool_size, 0..=65_536);
 
     if let Some(initial) = initial {
         for (key, value) in [
@@ -1476,6 +1506,10 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
         quantum_bytes: quantum?,
         read_buffer_bytes: read_buffer?,
         max_streams_per_session: max_streams?,
+        backend: backend.ok()?.unwrap_or_default(),
+        buffer_count: buffer_count?,
+        pipe_size_bytes: pipe_size?,
+        pipe_pool_size: pipe_pool?,
     })
 }
 
@@ -1926,7 +1960,8 @@ local_addr = "127.0.0.1:22"
             "[server.clients.laptop]",
             "[server.tuning]\ncores = [2, 3]\ninitial_stream_window_bytes = 1024\nmax_stream_window_bytes = 2048\n\
              session_window_bytes = 1048576\nmax_frame_payload_bytes = 16384\nquantum_bytes = 8192\n\
-             read_buffer_bytes = 4096\nmax_streams_per_session = 8\n[server.clients.laptop]",
+             read_buffer_bytes = 4096\nmax_streams_per_session = 8\nbackend = \"compat\"\nbuffer_count = 128\n\
+             pipe_size_bytes = 65536\npipe_pool_size = 0\n[server.clients.laptop]",
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(
@@ -1941,6 +1976,10 @@ local_addr = "127.0.0.1:22"
                 quantum_bytes: 8192,
                 read_buffer_bytes: 4096,
                 max_streams_per_session: 8,
+                backend: Backend::Compat,
+                buffer_count: 128,
+                pipe_size_bytes: 64 * 1024,
+                pipe_pool_size: 0,
             }
         );
         assert_eq!(tuning.shard_count(64), 2);
@@ -1968,6 +2007,48 @@ local_addr = "127.0.0.1:22"
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(tuning, Tuning::default());
+    }
+
+    #[test]
+    fn backend_and_io_uring_sizes_are_checked_with_their_paths() {
+        let tuned = |role: &str, lines: &str| {
+            let base = if role == "server" { SERVER } else { CLIENT };
+            format!("{base}[{role}.tuning]\n{lines}\n")
+        };
+        let errors = errors_of(&tuned(
+            "client",
+            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537",
+        ));
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "client.tuning.backend: \"io_uring\" is not a backend (expected \"auto\", \"uring\" or \"compat\")",
+                "client.tuning.buffer_count: 32 is out of range (expected 64 to 32768)",
+                "client.tuning.pipe_size_bytes: 33554432 is out of range (expected 4096 to 16777216)",
+                "client.tuning.pipe_pool_size: 65537 is out of range (expected 0 to 65536)",
+            ]
+        );
+        assert_eq!(
+            paths_of(&tuned("server", "backend = 1")),
+            ["server.tuning.backend"]
+        );
+        let tuning = parse_config(&tuned("server", "backend = \"uring\""))
+            .unwrap()
+            .server
+            .unwrap()
+            .tuning;
+        assert_eq!(tuning.backend, Backend::Uring);
+        let d = Tuning::default();
+        assert_eq!(
+            (
+                d.backend,
+                d.buffer_count,
+                d.pipe_size_bytes,
+                d.pipe_pool_size
+            ),
+            (Backend::Auto, 4096, 1 << 20, 256)
+        );
     }
 
     #[test]

@@ -134,7 +134,7 @@ pub async fn run() -> anyhow::Result<()> {
         .as_ref()
         .map_or_else(String::new, |f| f.to_string());
     let out = format!(
-        "warren demo is running (TLS session, pinned certificate {fingerprint})\n\
+        "warren demo is running ({backend} backend, TLS session, pinned certificate {fingerprint})\n\
          \n  fetched http://{public}/ through the tunnel in {ms:.1} ms: {status}\n  body: {body}\n\
          \n  try it:  curl http://{public}/\n\
          \n  visitor -> {public} (server public port) -> session {session} -> client -> {service} (demo web service)\n\
@@ -142,6 +142,7 @@ pub async fn run() -> anyhow::Result<()> {
         public = demo.public_addr,
         session = demo.server.session_addr,
         service = demo.service_addr,
+        backend = demo.server.backend(),
         ms = took.as_secs_f64() * 1000.0,
     );
     #[allow(clippy::print_stdout)]

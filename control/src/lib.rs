@@ -2,6 +2,7 @@
 //! signals, and the in-process `demo`. It never sits on the per-byte path: once a session is
 //! authenticated it is handed to a shard of the data plane.
 
+pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod config;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::backend::Backend;
 use crate::client::Client;
 use crate::config::parse_config;
 use crate::server::Server;
@@ -24,6 +25,8 @@ pub struct PairSpec<'a> {
     pub sessions: Option<usize>,
     /// Extra lines for both `[server.tuning]` and `[client.tuning]` (`key = value` TOML).
     pub tuning: &'a str,
+    /// Data plane of both ends (`tuning.backend`); `auto` by default.
+    pub backend: Backend,
 }
 
 impl Default for PairSpec<'_> {
@@ -34,6 +37,7 @@ impl Default for PairSpec<'_> {
             shards: 1,
             sessions: None,
             tuning: "",
+            backend: Backend::Auto,
         }
     }
 }
@@ -66,8 +70,8 @@ impl Pair {
             server_toml += &format!("[server.services.{name}]\nbind_addr = \"127.0.0.1:0\"\n");
         }
         server_toml += &format!(
-            "[server.tuning]\nshards = {}\n{}\n",
-            spec.shards, spec.tuning
+            "[server.tuning]\nshards = {}\nbackend = \"{}\"\n{}\n",
+            spec.shards, spec.backend, spec.tuning
         );
         let cfg = parse_config(&server_toml)
             .map_err(|e| anyhow::anyhow!("loopback server config: {e}"))?
@@ -91,8 +95,8 @@ impl Pair {
             client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n");
         }
         client_toml += &format!(
-            "[client.tuning]\nshards = {}\n{}\n",
-            spec.shards, spec.tuning
+            "[client.tuning]\nshards = {}\nbackend = \"{}\"\n{}\n",
+            spec.shards, spec.backend, spec.tuning
         );
         let cfg = parse_config(&client_toml)
             .map_err(|e| anyhow::anyhow!("loopback client config: {e}"))?

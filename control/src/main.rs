@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::info;
+use warren::backend::Backend;
 use warren::config::{load_config, ConfigFile};
 
 /// warren: a self-hosted multiplexed reverse tunnel.
@@ -23,12 +24,20 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Data plane; overrides server.tuning.backend of the file. auto: io_uring when this
+        /// host allows it, else compat (one warning says why).
+        #[arg(long, value_enum, value_name = "BACKEND")]
+        backend: Option<Backend>,
     },
     /// Run the agent behind NAT (needs a [client] section).
     Client {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Data plane; overrides client.tuning.backend of the file. auto: io_uring when this
+        /// host allows it, else compat (one warning says why).
+        #[arg(long, value_enum, value_name = "BACKEND")]
+        backend: Option<Backend>,
     },
     /// Validate a config file; prints every error with its TOML path, exits non-zero on any.
     Check {
@@ -69,6 +78,9 @@ struct BenchArgs {
     /// Session transport between the in-process client and server.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "tls"])]
     transport: String,
+    /// Data plane of both roles; overrides tuning.backend of FILE (default: auto).
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    backend: Option<Backend>,
     /// Print one JSON object on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -91,8 +103,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Check { config } => return check(&config),
-        Command::Server { config } => run(|rt| rt.block_on(server(config))),
-        Command::Client { config } => run(|rt| rt.block_on(client(config))),
+        Command::Server { config, backend } => run(|rt| rt.block_on(server(config, backend))),
+        Command::Client { config, backend } => run(|rt| rt.block_on(client(config, backend))),
         Command::Demo => run(|rt| rt.block_on(warren::demo::run())),
         Command::Bench(args) => bench(args),
     };
@@ -119,10 +131,14 @@ fn load(path: &Path) -> anyhow::Result<ConfigFile> {
     load_config(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
 }
 
-async fn server(path: PathBuf) -> anyhow::Result<()> {
-    let cfg = load(&path)?
+async fn server(path: PathBuf, backend: Option<Backend>) -> anyhow::Result<()> {
+    let mut cfg = load(&path)?
         .server
         .with_context(|| format!("{}: no [server] section", path.display()))?;
+    if let Some(b) = backend {
+        info!("--backend {b} overrides server.tuning.backend");
+        cfg.tuning.backend = b;
+    }
     let server = warren::server::Server::start(cfg).await?;
     warren::signals::wait_for_shutdown().await;
     info!("draining");
@@ -130,10 +146,14 @@ async fn server(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn client(path: PathBuf) -> anyhow::Result<()> {
-    let cfg = load(&path)?
+async fn client(path: PathBuf, backend: Option<Backend>) -> anyhow::Result<()> {
+    let mut cfg = load(&path)?
         .client
         .with_context(|| format!("{}: no [client] section", path.display()))?;
+    if let Some(b) = backend {
+        info!("--backend {b} overrides client.tuning.backend");
+        cfg.tuning.backend = b;
+    }
     let client = warren::client::Client::start(cfg).await?;
     warren::signals::wait_for_shutdown().await;
     info!("draining");
@@ -158,6 +178,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             warren::config::Transport::Tcp
         },
+        backend: args.backend,
         progress: true,
     };
     let result = warren::bench::run(&options)?;
@@ -179,18 +200,20 @@ fn check(path: &Path) -> ExitCode {
             let mut parts = Vec::new();
             if let Some(s) = &cfg.server {
                 parts.push(format!(
-                    "server ({} client(s), {} service(s), transport {})",
+                    "server ({} client(s), {} service(s), transport {}, backend {})",
                     s.clients.len(),
                     s.services.len(),
-                    s.transport.as_str()
+                    s.transport.as_str(),
+                    s.tuning.backend
                 ));
             }
             if let Some(c) = &cfg.client {
                 parts.push(format!(
-                    "client {:?} ({} service(s), transport {})",
+                    "client {:?} ({} service(s), transport {}, backend {})",
                     c.name,
                     c.services.len(),
-                    c.transport.as_str()
+                    c.transport.as_str(),
+                    c.tuning.backend
                 ));
             }
             if parts.is_empty() {
@@ -210,5 +233,45 @@ fn check(path: &Path) -> ExitCode {
             eprintln!("{}: {} error(s)", path.display(), errors.0.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("warren").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn backend_flag_is_optional_and_takes_the_three_backends() {
+        for (role, flag, want) in [
+            ("server", "uring", Some(Backend::Uring)),
+            ("client", "compat", Some(Backend::Compat)),
+            ("server", "auto", Some(Backend::Auto)),
+        ] {
+            let cli = parse(&[role, "-c", "x.toml", "--backend", flag]).unwrap();
+            let got = match cli.command {
+                Command::Server { backend, .. } | Command::Client { backend, .. } => backend,
+                other => panic!("parsed {other:?}"),
+            };
+            assert_eq!(got, want, "{role} --backend {flag}");
+        }
+        match parse(&["client", "-c", "x.toml"]).unwrap().command {
+            Command::Client { backend, .. } => assert_eq!(backend, None),
+            other => panic!("parsed {other:?}"),
+        }
+        match parse(&["bench", "--backend", "compat"]).unwrap().command {
+            Command::Bench(args) => assert_eq!(args.backend, Some(Backend::Compat)),
+            other => panic!("parsed {other:?}"),
+        }
+        let err = parse(&["server", "-c", "x.toml", "--backend", "io_uring"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("possible values: auto, uring, compat"),
+            "{err}"
+        );
     }
 }

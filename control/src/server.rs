@@ -13,12 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use warren_compat::transport::SessionIo;
-use warren_compat::{
-    RouteBoard, SessionHandoff, SessionRole, ShardCommand, ShardSetConfig, Shards,
-};
+use warren_compat::{RouteBoard, SessionHandoff, SessionRole, ShardCommand, ShardSetConfig};
 use warren_proto::handshake::{Accept, ServerHandshake, ServiceVerdict, Token};
 use warren_proto::session::Role;
 
+use crate::backend::{BackendKind, DataPlane};
 use crate::config::{Fingerprint, ServerConfig, Transport};
 use crate::setup::{allowed_cpus, exchange, local_params, random_bytes, session_config};
 
@@ -31,7 +30,7 @@ pub struct Server {
     pub service_addrs: BTreeMap<String, SocketAddr>,
     /// SHA-256 of the TLS certificate clients should pin (TLS only).
     pub fingerprint: Option<Fingerprint>,
-    shards: Arc<Shards>,
+    shards: Arc<DataPlane>,
     accept_task: JoinHandle<()>,
     drain_timeout: Duration,
 }
@@ -41,7 +40,7 @@ struct Acceptor {
     cfg: ServerConfig,
     tls: Option<Arc<rustls::ServerConfig>>,
     tokens: HashMap<String, Token>,
-    shards: Arc<Shards>,
+    shards: Arc<DataPlane>,
     next_session_id: AtomicU64,
 }
 
@@ -77,19 +76,18 @@ impl Server {
             cfg.services.keys().map(String::as_str),
             shard_count,
         ));
-        let shards = Arc::new(
-            Shards::start(
-                ShardSetConfig {
-                    count: shard_count,
-                    cores: cfg.tuning.cores.clone(),
-                    name: "server",
-                    read_buffer: cfg.tuning.read_buffer_bytes as usize,
-                    queue_capacity: 4096,
-                },
-                board,
-            )
-            .context("starting shard threads")?,
-        );
+        let shards = Arc::new(DataPlane::start(
+            &cfg.tuning,
+            ShardSetConfig {
+                count: shard_count,
+                cores: cfg.tuning.cores.clone(),
+                name: "server",
+                read_buffer: cfg.tuning.read_buffer_bytes as usize,
+                queue_capacity: 4096,
+            },
+            board,
+        )?);
+        let backend = shards.kind();
 
         let mut service_addrs = BTreeMap::new();
         for (name, svc) in &cfg.services {
@@ -129,7 +127,7 @@ impl Server {
             next_session_id: AtomicU64::new(1),
             cfg,
         });
-        info!(addr = %session_addr, shards = shard_count, "accepting client sessions");
+        info!(addr = %session_addr, shards = shard_count, %backend, "accepting client sessions");
         let accept_task = tokio::spawn(accept_sessions(listener, acceptor));
         Ok(Server {
             session_addr,
@@ -142,8 +140,13 @@ impl Server {
     }
 
     /// The shards, for counters.
-    pub fn shards(&self) -> &Shards {
+    pub fn shards(&self) -> &DataPlane {
         &self.shards
+    }
+
+    /// The data plane running (what `tuning.backend` resolved to).
+    pub fn backend(&self) -> BackendKind {
+        self.shards.kind()
     }
 
     /// Graceful stop: no new sessions or visitors, GOAWAY on every session, wait for streams
@@ -162,7 +165,7 @@ impl Server {
 }
 
 /// Waits until no session is left or the deadline passes; returns the streams still open.
-pub(crate) async fn wait_drained(shards: &Shards, deadline: Duration) -> u64 {
+pub(crate) async fn wait_drained(shards: &DataPlane, deadline: Duration) -> u64 {
     let until = tokio::time::Instant::now() + deadline;
     loop {
         let sessions = shards.total(|s| &s.sessions);

@@ -41,8 +41,15 @@ fn bench_json_reports_throughput_both_ways_and_latency_percentiles() {
         let us = rr["latency_us"][p].as_f64().unwrap_or(0.0);
         assert!(us > 0.0, "rr latency {p} = {us}: {v}");
     }
+    // `auto` by default: whichever data plane this host runs, named.
+    assert!(
+        matches!(v["backend"].as_str(), Some("uring" | "compat")),
+        "{v}"
+    );
     let tuning = &v["tuning"];
     for role in ["server", "client"] {
+        assert_eq!(tuning[role]["backend"], "auto", "{v}");
+        assert_eq!(v["backends"][role], v["backend"], "{v}");
         assert!(tuning[role]["shards"].as_u64().unwrap_or(0) >= 1, "{v}");
         assert_eq!(tuning[role]["source"], "defaults", "{v}");
         assert_eq!(tuning[role]["read_buffer_bytes"], 65_536, "{v}");
@@ -50,7 +57,7 @@ fn bench_json_reports_throughput_both_ways_and_latency_percentiles() {
 }
 
 #[test]
-fn bench_uses_the_tuning_of_the_config_file() {
+fn bench_uses_the_tuning_of_the_config_file_and_the_backend_flag() {
     let dir = std::env::temp_dir().join(format!("warren-bench-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tuning.toml");
@@ -68,13 +75,17 @@ fn bench_uses_the_tuning_of_the_config_file() {
         "0.2",
         "--transport",
         "tls",
+        "--backend",
+        "compat",
         "--json",
     ]);
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(v["transport"], "tls", "{v}");
+    assert_eq!(v["backend"], "compat", "--backend compat: {v}");
     assert_eq!(v["tuning"]["sessions"], 1, "{v}");
     for role in ["server", "client"] {
         assert_eq!(v["tuning"][role]["shards"], 1, "{role}: {v}");
+        assert_eq!(v["tuning"][role]["backend"], "compat", "{role}: {v}");
         assert_eq!(
             v["tuning"][role]["read_buffer_bytes"], 131_072,
             "{role}: {v}"
