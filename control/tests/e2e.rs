@@ -2,8 +2,10 @@
 //! with the local services and the visitors played by this test process.
 //!
 //! Every port is 0 in the configs; the real ones come from the processes' logs. The harness is
-//! in `common/`.
+//! in `common/`. Every tunnel test runs twice, `..._compat` and `..._uring`, passing
+//! `--backend` to both processes.
 
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
@@ -17,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Barrier};
 use tokio::time::{timeout, Instant};
+use warren::backend::Backend;
 use warren_proto::frame::{data_header, Frame, GoAwayCode, StreamId};
 use warren_proto::handshake::{
     Accepted, ClientHandshake, ClientHandshakeConfig, HandshakeError, PeerParams, RejectCode, Token,
@@ -24,9 +27,9 @@ use warren_proto::handshake::{
 
 use common::{
     echo_service, endless_service, expect_refused, pattern_summary, raise_fd_limit, read_summary,
-    read_summary_counting, serve, sink_service, source_service, trickle_service, try_field,
-    write_pattern, write_pattern_counting, EchoStats, Pattern, Server, ServerSpec, TestDir,
-    Transport, Warren, CLIENT_NAME, SOON, TOKEN,
+    read_summary_counting, require_uring, serve, sink_service, source_service, trickle_service,
+    try_field, write_pattern, write_pattern_counting, EchoStats, Pattern, Server, ServerSpec,
+    TestDir, Transport, Warren, CLIENT_NAME, SOON, TOKEN,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -37,16 +40,44 @@ const BULK: u64 = 64 * MIB;
 /// Budget for the bulk transfers; they take about a second on a quiet machine.
 const BULK_LIMIT: Duration = Duration::from_secs(30);
 
+on_both_backends! {
+    tcp_transport_carries_64_mib_byte_exact_both_ways
+        => tcp_transport_carries_64_mib_byte_exact_both_ways_compat,
+           tcp_transport_carries_64_mib_byte_exact_both_ways_uring;
+    tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_both_ways
+        => tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_both_ways_compat,
+           tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_both_ways_uring;
+    visitor_half_close_reaches_the_service_and_its_answer_still_flows_back
+        => visitor_half_close_reaches_the_service_and_its_answer_still_flows_back_compat,
+           visitor_half_close_reaches_the_service_and_its_answer_still_flows_back_uring;
+    service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending
+        => service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending_compat,
+           service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending_uring;
+    a_thousand_concurrent_visitors_each_get_their_own_echo
+        => a_thousand_concurrent_visitors_each_get_their_own_echo_compat,
+           a_thousand_concurrent_visitors_each_get_their_own_echo_uring;
+    killed_client_resets_its_visitors_and_a_replacement_client_takes_over
+        => killed_client_resets_its_visitors_and_a_replacement_client_takes_over_compat,
+           killed_client_resets_its_visitors_and_a_replacement_client_takes_over_uring;
+    bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working
+        => bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working_compat,
+           bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working_uring;
+    sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero
+        => sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_compat,
+           sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_uring;
+}
+
 // ---- 1. byte-exact bulk transfer -----------------------------------------------------------
 
 /// Uploads 64 MiB (visitor -> service) and downloads 64 MiB (service -> visitor) at the same
 /// time through one tunnel; both must arrive byte-exact, and each direction must end with EOF.
-async fn bulk_transfer_is_byte_exact_both_ways(transport: Transport) {
+async fn bulk_transfer_is_byte_exact_both_ways(transport: Transport, backend: Backend) {
     let dir = TestDir::new("bulk");
     let server = Server::start(
         &dir,
         ServerSpec {
             transport,
+            backend,
             services: &["upload", "download"],
             ..ServerSpec::default()
         },
@@ -110,26 +141,27 @@ async fn bulk_transfer_is_byte_exact_both_ways(transport: Transport) {
 // Known product bug (see the e2e report): a shard's session task can spin forever on its own
 // `Notify` while the session socket is full (compat/src/driver.rs, run_session + dispatch), so a
 // bulk transfer sometimes stalls for good; this test then fails on BULK_LIMIT.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_transport_carries_64_mib_byte_exact_both_ways() {
-    bulk_transfer_is_byte_exact_both_ways(Transport::Tcp).await;
+async fn tcp_transport_carries_64_mib_byte_exact_both_ways(backend: Backend) {
+    bulk_transfer_is_byte_exact_both_ways(Transport::Tcp, backend).await;
 }
 
 // Known product bug (see the e2e report): with TLS, queueing more than rustls's default 64 KiB
 // buffer limit in one go fails with "failed to write whole buffer" (compat/src/transport.rs,
 // SessionIo::queue), so the session dies as soon as bulk data flows and this test fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_both_ways() {
-    bulk_transfer_is_byte_exact_both_ways(Transport::Tls).await;
+async fn tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_both_ways(
+    backend: Backend,
+) {
+    bulk_transfer_is_byte_exact_both_ways(Transport::Tls, backend).await;
 }
 
 // ---- 2. half-close -------------------------------------------------------------------------
 
 /// One tunnel with a single service `svc` served by `addr`.
-fn tunnel_for(dir: &TestDir, addr: SocketAddr) -> (Server, Warren) {
+fn tunnel_for(dir: &TestDir, addr: SocketAddr, backend: Backend) -> (Server, Warren) {
     let server = Server::start(
         dir,
         ServerSpec {
+            backend,
             services: &["svc"],
             ..ServerSpec::default()
         },
@@ -139,8 +171,7 @@ fn tunnel_for(dir: &TestDir, addr: SocketAddr) -> (Server, Warren) {
     (server, client)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn visitor_half_close_reaches_the_service_and_its_answer_still_flows_back() {
+async fn visitor_half_close_reaches_the_service_and_its_answer_still_flows_back(backend: Backend) {
     const REQUEST: usize = 600 * 1024; // more than one initial stream window
     const ANSWER: usize = 1024 * 1024;
     // The service answers only once it has read the whole request up to EOF: without the
@@ -159,7 +190,7 @@ async fn visitor_half_close_reaches_the_service_and_its_answer_still_flows_back(
     })
     .await;
     let dir = TestDir::new("half-close-visitor");
-    let (server, _client) = tunnel_for(&dir, service);
+    let (server, _client) = tunnel_for(&dir, service, backend);
 
     let request = Pattern::bytes(5, REQUEST);
     let mut expected = Sha256::digest(&request).to_vec();
@@ -183,8 +214,7 @@ async fn visitor_half_close_reaches_the_service_and_its_answer_still_flows_back(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending() {
+async fn service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending(backend: Backend) {
     const GREETING: usize = 512 * 1024;
     const UPLOAD: u64 = 2 * MIB;
     let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -203,7 +233,7 @@ async fn service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending(
     })
     .await;
     let dir = TestDir::new("half-close-service");
-    let (server, _client) = tunnel_for(&dir, service);
+    let (server, _client) = tunnel_for(&dir, service, backend);
 
     timeout(Duration::from_secs(20), async {
         let mut sock = TcpStream::connect(server.public("svc")).await.unwrap();
@@ -228,8 +258,7 @@ async fn service_half_close_reaches_the_visitor_while_the_visitor_keeps_sending(
 
 // ---- 3. many concurrent streams ------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_visitors_each_get_their_own_echo() {
+async fn a_thousand_concurrent_visitors_each_get_their_own_echo(backend: Backend) {
     const VISITORS: usize = 1000;
     // 1000 visitors + 1000 service connections live in this process (alongside other tests).
     let limit = raise_fd_limit(16_384);
@@ -244,6 +273,7 @@ async fn a_thousand_concurrent_visitors_each_get_their_own_echo() {
     let server = Server::start(
         &dir,
         ServerSpec {
+            backend,
             services: &["svc"],
             shards: 1,
             ..ServerSpec::default()
@@ -315,8 +345,7 @@ async fn a_thousand_concurrent_visitors_each_get_their_own_echo() {
 
 // ---- 4. client killed ----------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_client_resets_its_visitors_and_a_replacement_client_takes_over() {
+async fn killed_client_resets_its_visitors_and_a_replacement_client_takes_over(backend: Backend) {
     const DATA: u64 = 16 * MIB;
     let endless = endless_service(3).await;
     let data = source_service(4, DATA).await;
@@ -324,6 +353,7 @@ async fn killed_client_resets_its_visitors_and_a_replacement_client_takes_over()
     let server = Server::start(
         &dir,
         ServerSpec {
+            backend,
             services: &["endless", "data"],
             ..ServerSpec::default()
         },
@@ -465,8 +495,9 @@ fn refusal_line(server: &Server, from: usize, local: SocketAddr) -> String {
         .swap_remove(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working() {
+async fn bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working(
+    backend: Backend,
+) {
     let (stop, stop_rx) = watch::channel(false);
     let (trickle, mut trickled) =
         trickle_service(6, 16 * 1024, Duration::from_millis(10), u64::MAX, stop_rx).await;
@@ -475,6 +506,7 @@ async fn bad_session_peers_are_refused_with_clear_errors_while_a_live_session_ke
     let server = Server::start(
         &dir,
         ServerSpec {
+            backend,
             services: &["trickle", "echo"],
             ..ServerSpec::default()
         },
@@ -699,8 +731,7 @@ bind_addr = "0.0.0.0:99999"
 
 // ---- 7. graceful drain on SIGTERM --------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero() {
+async fn sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero(backend: Backend) {
     const CHUNK: usize = 32 * 1024;
     const CHUNKS: u64 = 20; // one every 50 ms: about a second in all
     const DRAIN: Duration = Duration::from_secs(10);
@@ -712,6 +743,7 @@ async fn sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero
     let mut server = Server::start(
         &dir,
         ServerSpec {
+            backend,
             services: &["svc"],
             extra: &extra,
             ..ServerSpec::default()
@@ -777,4 +809,47 @@ async fn sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero
     );
     server.proc.wait_line(mark, &["drained"], SOON);
     assert!(!server.proc.has_line(&["drain deadline reached"]));
+}
+
+// ---- 8. --backend overrides the file ---------------------------------------------------------
+
+/// Both files say `backend = "uring"`; `--backend compat` on each command line wins, and the
+/// tunnel works. (Runs on any host: the override never needs io_uring.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_flag_overrides_the_backend_of_the_config_file() {
+    let echo = echo_service(Arc::new(EchoStats::default())).await;
+    let dir = TestDir::new("backend-flag");
+    let server = Server::start(
+        &dir,
+        ServerSpec {
+            backend: Backend::Compat,
+            services: &["echo"],
+            tuning: "backend = \"uring\"",
+            ..ServerSpec::default()
+        },
+    );
+    assert!(server
+        .proc
+        .has_line(&["--backend compat overrides server.tuning.backend"]));
+    let config = server.client_config(&dir, &[("echo", echo)]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.trim_end().ends_with("shards = 2"), "{text}");
+    text += "backend = \"uring\"\n";
+    std::fs::write(&config, &text).unwrap();
+    // connect_client checks that the client reports backend=compat.
+    let client = server.connect_client("client", &config, 0);
+    assert!(client.has_line(&["--backend compat overrides client.tuning.backend"]));
+
+    let message = Pattern::bytes(12, 64 * 1024);
+    let back = timeout(SOON, async {
+        let mut sock = TcpStream::connect(server.public("echo")).await.unwrap();
+        sock.write_all(&message).await.unwrap();
+        sock.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        sock.read_to_end(&mut back).await.unwrap();
+        back
+    })
+    .await
+    .expect("the echo through the overridden tunnel did not finish");
+    assert!(back == message, "echo differs");
 }

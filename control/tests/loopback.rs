@@ -1,5 +1,11 @@
 //! In-process loopback tests: the same server and client code the binary runs, started as a
 //! library so the tests can read the shards' counters (how much a stalled stream buffers).
+//! Every test runs twice, `..._compat` and `..._uring`: one conformance suite for both data
+//! planes.
+
+#[path = "common/uring.rs"]
+#[macro_use]
+mod uring;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -7,7 +13,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use warren::backend::{Backend, BackendKind};
 use warren::loopback::PairSpec;
+
+use uring::require_uring;
 
 const WINDOW: u32 = 256 * 1024;
 const MAX_WINDOW: u32 = 4 * 1024 * 1024;
@@ -52,12 +61,17 @@ struct Pair {
     public: SocketAddr,
 }
 
-async fn start_pair(service: SocketAddr, sessions: usize) -> Pair {
-    start_pair_with(service, sessions, sessions).await
+async fn start_pair(backend: Backend, service: SocketAddr, sessions: usize) -> Pair {
+    start_pair_with(backend, service, sessions, sessions).await
 }
 
 /// `shards` on each side; the client opens `sessions` sessions.
-async fn start_pair_with(service: SocketAddr, shards: usize, sessions: usize) -> Pair {
+async fn start_pair_with(
+    backend: Backend,
+    service: SocketAddr,
+    shards: usize,
+    sessions: usize,
+) -> Pair {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
         .with_test_writer()
@@ -69,10 +83,20 @@ async fn start_pair_with(service: SocketAddr, shards: usize, sessions: usize) ->
         shards,
         sessions: Some(sessions),
         tuning: &tuning,
+        backend,
         ..PairSpec::default()
     })
     .await
     .unwrap();
+    let want = match backend {
+        Backend::Uring => Some(BackendKind::Uring),
+        Backend::Compat => Some(BackendKind::Compat),
+        Backend::Auto => None,
+    };
+    if let Some(want) = want {
+        assert_eq!(inner.server.backend(), want, "server backend");
+        assert_eq!(inner.client.backend(), want, "client backend");
+    }
     let public = inner.public("source");
     Pair { inner, public }
 }
@@ -97,11 +121,24 @@ async fn download(public: SocketAddr, len: u64) -> u64 {
     got
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window() {
+on_both_backends! {
+    a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window
+        => a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window_compat,
+           a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window_uring;
+    visitors_spread_over_one_session_per_shard
+        => visitors_spread_over_one_session_per_shard_compat,
+           visitors_spread_over_one_session_per_shard_uring;
+    a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it
+        => a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it_compat,
+           a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it_uring;
+}
+
+async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window(
+    backend: Backend,
+) {
     let service = source_service().await;
     // One session (one shard each side): all ten streams share it.
-    let p = start_pair(service, 1).await;
+    let p = start_pair(backend, service, 1).await;
     const EACH: u64 = 100 * 1024 * 1024;
 
     // The stalled visitor asks for plenty and never reads.
@@ -174,10 +211,9 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
     p.inner.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn visitors_spread_over_one_session_per_shard() {
+async fn visitors_spread_over_one_session_per_shard(backend: Backend) {
     let service = source_service().await;
-    let p = start_pair(service, 2).await;
+    let p = start_pair(backend, service, 2).await;
     assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 2);
     // Each server shard has its own session: both shards have exactly one.
     for i in 0..2 {
@@ -203,12 +239,11 @@ async fn visitors_spread_over_one_session_per_shard() {
     p.inner.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it() {
+async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it(backend: Backend) {
     let service = source_service().await;
     // Two server shards, one client session: every visitor the kernel gives to the other shard
     // must be handed over, not refused.
-    let p = start_pair_with(service, 2, 1).await;
+    let p = start_pair_with(backend, service, 2, 1).await;
     assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 1);
     let mut tasks = Vec::new();
     for _ in 0..32 {

@@ -18,6 +18,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use warren::backend::Backend;
+
+#[macro_use]
+pub mod uring;
+pub use uring::require_uring;
 
 /// Default budget for anything the tunnel should do "at once" (start, connect, refuse).
 pub const SOON: Duration = Duration::from_secs(15);
@@ -119,14 +124,32 @@ impl Warren {
         }
     }
 
-    /// `warren server -c <config>`.
-    pub fn server(config: &Path) -> Warren {
-        Warren::spawn("server", &["server", "-c", config.to_str().unwrap()])
+    /// `warren server -c <config> --backend <backend>`.
+    pub fn server(config: &Path, backend: Backend) -> Warren {
+        Warren::spawn(
+            "server",
+            &[
+                "server",
+                "-c",
+                config.to_str().unwrap(),
+                "--backend",
+                backend.as_str(),
+            ],
+        )
     }
 
-    /// `warren client -c <config>`.
-    pub fn client(label: &str, config: &Path) -> Warren {
-        Warren::spawn(label, &["client", "-c", config.to_str().unwrap()])
+    /// `warren client -c <config> --backend <backend>`.
+    pub fn client(label: &str, config: &Path, backend: Backend) -> Warren {
+        Warren::spawn(
+            label,
+            &[
+                "client",
+                "-c",
+                config.to_str().unwrap(),
+                "--backend",
+                backend.as_str(),
+            ],
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -310,20 +333,26 @@ pub enum Transport {
 /// What the test server looks like.
 pub struct ServerSpec<'a> {
     pub transport: Transport,
+    /// Data plane, passed as `--backend` to the server and its clients (it overrides the file).
+    pub backend: Backend,
     pub shards: usize,
     /// Public services, each on its own port.
     pub services: &'a [&'a str],
     /// Extra lines for the `[server]` table (e.g. `drain_timeout_ms = 5000`).
     pub extra: &'a str,
+    /// Extra lines for the `[server.tuning]` table.
+    pub tuning: &'a str,
 }
 
 impl Default for ServerSpec<'_> {
     fn default() -> Self {
         ServerSpec {
             transport: Transport::Tcp,
+            backend: Backend::Auto,
             shards: 2,
             services: &[],
             extra: "",
+            tuning: "",
         }
     }
 }
@@ -332,6 +361,7 @@ impl Default for ServerSpec<'_> {
 pub struct Server {
     pub proc: Warren,
     pub transport: Transport,
+    pub backend: Backend,
     pub shards: usize,
     /// Where clients connect.
     pub session_addr: SocketAddr,
@@ -355,12 +385,18 @@ impl Server {
         for s in spec.services {
             toml += &format!("[server.services.{s}]\nbind_addr = \"127.0.0.1:0\"\n");
         }
-        toml += &format!("[server.tuning]\nshards = {}\n", spec.shards);
+        toml += &format!(
+            "[server.tuning]\nshards = {}\n{}\n",
+            spec.shards, spec.tuning
+        );
         let config = dir.write("server.toml", &toml);
-        let proc = Warren::server(&config);
+        let proc = Warren::server(&config, spec.backend);
         let ready = proc.wait_line(0, &["accepting client sessions"], SOON);
         let session_addr = addr_field(&ready, "addr");
         assert_eq!(field(&ready, "shards"), spec.shards.to_string(), "{ready}");
+        if spec.backend != Backend::Auto {
+            assert_eq!(field(&ready, "backend"), spec.backend.as_str(), "{ready}");
+        }
         let services = proc
             .wait_lines(0, &["public port ready"], spec.services.len(), SOON)
             .iter()
@@ -376,6 +412,7 @@ impl Server {
         Server {
             proc,
             transport: spec.transport,
+            backend: spec.backend,
             shards: spec.shards,
             session_addr,
             services,
@@ -414,10 +451,18 @@ impl Server {
         dir.write("client.toml", &toml)
     }
 
-    /// Starts a client with `config` and waits until the server runs one session per shard for
-    /// it (counting only server log lines from `server_mark` on).
+    /// Starts a client with `config` (on the server's backend) and waits until the server runs
+    /// one session per shard for it (counting only server log lines from `server_mark` on).
     pub fn connect_client(&self, label: &str, config: &Path, server_mark: usize) -> Warren {
-        let client = Warren::client(label, config);
+        let client = Warren::client(label, config, self.backend);
+        if self.backend != Backend::Auto {
+            let started = client.wait_line(0, &["client started"], SOON);
+            assert_eq!(
+                field(&started, "backend"),
+                self.backend.as_str(),
+                "{started}"
+            );
+        }
         client.wait_lines(0, &["connected session="], self.shards, SOON);
         // The shard registers the session (and its services) before it logs this line, so a
         // visitor arriving after it is routed.
