@@ -1673,6 +1673,7 @@ impl Shard {
             let s = self.sessions.get(sk).expect("checked above");
             let mut cap = s.core.stream_send_capacity(id);
             let st = self.streams.get(k).expect("checked above");
+            trace!(side = self.cfg.shards.name, %id, cap, held = st.held_bytes, eof = st.read_eof, armed = st.recv_armed, "serve stream");
             while cap > 0 {
                 let Some(mut b) = st.held.pop_front() else {
                     break;
@@ -1694,6 +1695,11 @@ impl Shard {
                     return;
                 }
                 session_dirty = true;
+            }
+            if cap == 0 {
+                // Registers interest: the core signals StreamWritable when credit returns.
+                let s = self.sessions.get(sk).expect("checked above");
+                cap = s.core.stream_send_capacity(id);
             }
             let st = self.streams.get(k).expect("checked above");
             if cap == 0 && st.held_on_ring {
@@ -1724,7 +1730,7 @@ impl Shard {
                 && !st.starved
                 && st.held.is_empty();
             if want_recv {
-                self.arm_stream_recv(k);
+                self.arm_stream_recv(k, cap);
             }
             let st = self.streams.get(k).expect("checked above");
             if cap == 0 && st.recv_armed && !st.recv_cancelling {
@@ -1746,17 +1752,28 @@ impl Shard {
         }
     }
 
-    fn arm_stream_recv(&mut self, k: Key) {
+    /// Arms a receive on the local socket. With room for several buffers it is a multishot
+    /// receive (one submission, a completion per buffer); with less credit than that it is a
+    /// single receive of at most `cap` bytes, so the stream never reads far past its credit.
+    /// Either way the kernel picks the buffer only when data arrives.
+    fn arm_stream_recv(&mut self, k: Key, cap: usize) {
         let bgid = self.bufs.bgid();
+        let buf = self.cfg.shards.read_buffer.max(4096);
         let Some(st) = self.streams.get(k) else {
             return;
         };
         st.recv_armed = true;
         st.inflight += 1;
-        let e = opcode::RecvMulti::new(types::Fd(st.sock.as_raw_fd()), bgid)
-            .build()
-            .user_data(user_data(Op::StreamRecv, k));
-        self.push(&e);
+        let fd = types::Fd(st.sock.as_raw_fd());
+        let e = if cap >= 2 * buf {
+            opcode::RecvMulti::new(fd, bgid).build()
+        } else {
+            opcode::Recv::new(fd, std::ptr::null_mut(), cap.min(buf) as u32)
+                .buf_group(bgid)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        };
+        self.push(&e.user_data(user_data(Op::StreamRecv, k)));
     }
 
     /// Splice mode: moves what the local socket has (within credit) into the stream's pipe.
