@@ -17,10 +17,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{
-    data_header, is_valid_name, Frame, FrameError, GoAwayCode, ResetCode, StreamId, HEADER_LEN,
+    data_header, is_valid_name, Frame, FrameError, FrameType, GoAwayCode, Header, ResetCode,
+    StreamId, HEADER_LEN,
 };
 use crate::handshake::PeerParams;
 
@@ -231,6 +232,9 @@ struct Stream {
     // Receive half.
     recv: VecDeque<BytesMut>,
     recv_buffered: u32,
+    /// Payload bytes received into the driver's own buffer (a splice pipe), not yet consumed.
+    /// They come before everything in `recv`.
+    recv_external: u32,
     /// Current window size (grows by auto-tuning).
     recv_window: u32,
     /// Bytes the peer may still send before breaking flow control.
@@ -259,6 +263,7 @@ impl Stream {
         Stream {
             recv: VecDeque::new(),
             recv_buffered: 0,
+            recv_external: 0,
             recv_window: local_window,
             recv_credit: u64::from(local_window),
             recv_unacked: 0,
@@ -616,7 +621,7 @@ impl Session {
 
     /// Returns the session credit of bytes that will never be consumed.
     fn release_buffered(&mut self, s: &Stream) {
-        let n = u64::from(s.recv_buffered);
+        let n = u64::from(s.recv_buffered) + u64::from(s.recv_external);
         self.stats.recv_buffered -= n;
         self.recv_session_unacked += n;
         self.maybe_grant_session();
@@ -926,6 +931,10 @@ impl Session {
             return Readable::Gone;
         };
         s.readable_signalled = false;
+        if s.recv_external > 0 {
+            // The driver still holds earlier bytes of this stream; they go first.
+            return Readable::Pending;
+        }
         let Some(front) = s.recv.front_mut() else {
             if s.recv_fin && !s.recv_done {
                 s.recv_done = true;
@@ -941,8 +950,18 @@ impl Session {
         };
         let n = chunk.len() as u32;
         s.recv_buffered -= n;
-        s.recv_unacked += n;
         self.stats.recv_buffered -= u64::from(n);
+        self.consumed(now, id, n);
+        Readable::Data(chunk)
+    }
+
+    /// `n` bytes of stream `id` reached the local socket: grant credit back (from here, never
+    /// on receipt), auto-tuning the window.
+    fn consumed(&mut self, now: Instant, id: StreamId, n: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.recv_unacked += n;
         self.recv_session_unacked += u64::from(n);
         if !s.recv_fin && s.recv_unacked >= s.recv_window / 2 {
             let mut inc = s.recv_unacked;
@@ -970,7 +989,93 @@ impl Session {
             .encode(&mut self.control);
         }
         self.maybe_grant_session();
-        Readable::Data(chunk)
+    }
+
+    // ----- payloads the driver moves itself (splice) -----------------------------------------
+
+    /// The DATA frame at the start of `input`, if its header is complete: `(stream, payload
+    /// length)`. A driver that can move large payloads without copying (splice on a plain TCP
+    /// session) asks this before [`Session::handle_input`].
+    pub fn peek_data(&self, input: &[u8]) -> Option<(StreamId, u32)> {
+        let head = input.first_chunk::<HEADER_LEN>()?;
+        let h = Header::parse(head);
+        if h.kind != FrameType::Data as u8 || h.len > self.cfg.local.max_frame_payload {
+            return None;
+        }
+        Some((h.stream, h.len))
+    }
+
+    /// True when a DATA frame of `len` bytes for `id` may be taken with
+    /// [`Session::take_external_data`]: the stream is open for receiving, the frame is within
+    /// its credit and the session's, and nothing of the stream is buffered in the core (order).
+    /// Anything else (an unknown stream, a flow-control breach) goes through
+    /// [`Session::handle_input`], which judges it.
+    pub fn stream_can_take_external(&self, id: StreamId, len: u32) -> bool {
+        if self.closed.is_some() || len == 0 {
+            return false;
+        }
+        let Some(s) = self.streams.get(&id) else {
+            return false;
+        };
+        !s.recv_fin
+            && s.recv.is_empty()
+            && u64::from(len) <= s.recv_credit
+            && u64::from(len) <= self.recv_session_credit
+    }
+
+    /// Takes the DATA frame at the start of `input` (checked with
+    /// [`Session::stream_can_take_external`]) whose payload the driver moves itself. Removes the
+    /// header and the payload bytes already in `input` and returns those bytes: the driver puts
+    /// them first, then the remaining `len - returned.len()` payload bytes straight from the
+    /// socket. The bytes count as buffered until [`Session::stream_consumed_external`].
+    pub fn take_external_data(
+        &mut self,
+        now: Instant,
+        input: &mut BytesMut,
+    ) -> Result<(StreamId, u32, Bytes), SessionError> {
+        let (id, len) = self
+            .peek_data(input)
+            .filter(|(id, len)| self.stream_can_take_external(*id, *len))
+            .ok_or_else(|| {
+                SessionError::Protocol("internal: no external DATA frame at the input".into())
+            })?;
+        self.last_recv = now;
+        input.advance(HEADER_LEN);
+        let have = input.len().min(len as usize);
+        let head = input.split_to(have).freeze();
+        let l64 = u64::from(len);
+        self.stats.data_bytes_received += l64;
+        self.recv_session_credit -= l64;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(SessionError::Protocol("internal: stream vanished".into()));
+        };
+        s.recv_credit -= l64;
+        s.recv_external += len;
+        let held = s.recv_external + s.recv_buffered;
+        s.high_water = s.high_water.max(held);
+        self.stats.max_stream_recv_buffered = self.stats.max_stream_recv_buffered.max(s.high_water);
+        self.stats.recv_buffered += l64;
+        Ok((id, len, head))
+    }
+
+    /// `n` externally held bytes of stream `id` reached the local socket.
+    pub fn stream_consumed_external(&mut self, now: Instant, id: StreamId, n: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let n = n.min(s.recv_external);
+        s.recv_external -= n;
+        let fin_next = s.recv_external == 0 && (s.recv_fin || !s.recv.is_empty());
+        self.stats.recv_buffered -= u64::from(n);
+        self.consumed(now, id, n);
+        if fin_next {
+            if let Some(s) = self.streams.get_mut(&id) {
+                // What the core holds is readable now; an earlier signal was answered with
+                // Pending while the external bytes went first.
+                s.readable_signalled = false;
+                signal_readable(&mut self.events, id, s);
+            }
+        }
     }
 
     /// Aborts the stream both ways. Queued data is dropped; the peer gets RST with `code`.

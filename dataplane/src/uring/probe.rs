@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring, Probe as OpProbe};
 
-use super::build_ring;
 use super::bufring::BufRing;
+use super::build_ring;
 use super::sys;
 use crate::probe::{Probe, SetupFlags, Unavailable};
 
@@ -150,12 +150,7 @@ fn smoke(ring: &mut IoUring) -> io::Result<()> {
         for cqe in ring.completion() {
             match cqe.user_data() {
                 1 if cqe.result() == msg.len() as i32 => sent = true,
-                1 => {
-                    return Err(io::Error::other(format!(
-                        "send returned {}",
-                        cqe.result()
-                    )))
-                }
+                1 => return Err(io::Error::other(format!("send returned {}", cqe.result()))),
                 2 if cqe.result() == msg.len() as i32 => got = true,
                 2 => {
                     return Err(io::Error::other(format!(

@@ -43,6 +43,14 @@ const TRANSMIT_CHUNK: usize = 256 * 1024;
 const WRITE_CHUNK: usize = 256 * 1024;
 /// How long a closing session may take to flush its last frames (GOAWAY, close_notify).
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+/// Received DATA payloads at least this large (beyond what one small read brought in) are
+/// spliced from a plain-TCP session socket into the stream's pipe instead of copied.
+const RX_SPLICE_MIN: usize = 16 * 1024;
+/// Bytes asked of the session socket per read in splice-receive mode: enough for many control
+/// frames and small payloads, small enough that a large payload is mostly spliced.
+const RX_READ: usize = 16 * 1024;
+/// Bytes a session reads or splices per turn before letting the rest of the shard run.
+const RX_BUDGET: usize = 4 * 1024 * 1024;
 /// Rounds of "serve what changed" per loop turn before waiting on the ring again.
 const SERVE_ROUNDS: usize = 8;
 
@@ -62,6 +70,8 @@ enum Op {
     Connect,
     ConnectTimeout,
     Cancel,
+    SessionPollIn,
+    StreamPollOut,
 }
 
 impl Op {
@@ -78,6 +88,8 @@ impl Op {
             9 => Op::Connect,
             10 => Op::ConnectTimeout,
             11 => Op::Cancel,
+            12 => Op::SessionPollIn,
+            13 => Op::StreamPollOut,
             _ => return None,
         })
     }
@@ -126,10 +138,7 @@ impl<T> Slab<T> {
             let e = &mut self.entries[i as usize];
             e.0 = e.0.wrapping_add(1);
             e.1 = Some(v);
-            Key {
-                index: i,
-                gen: e.0,
-            }
+            Key { index: i, gen: e.0 }
         } else {
             let i = self.entries.len() as u32;
             assert!(i < 0xff_ffff, "slab full");
@@ -381,6 +390,22 @@ struct SessionSlot {
     published: SessionStats,
     /// Whether the socket can carry spliced payloads (plain TCP).
     can_splice: bool,
+    /// Receive by readiness + reads + splice (plain TCP with pipes) instead of multishot recv.
+    rx_splice_mode: bool,
+    /// The socket may have bytes (a readiness completion arrived and we have not seen EAGAIN).
+    rx_ready: bool,
+    /// A received payload being spliced from the socket into a stream's pipe.
+    rx_splice: Option<RxSplice>,
+}
+
+/// A DATA payload on its way from the session socket into a stream's receive pipe.
+#[derive(Debug)]
+struct RxSplice {
+    stream: Key,
+    /// Payload bytes still in the socket.
+    left: usize,
+    /// The pipe filled up by slots before the payload was in: the rest is read into memory.
+    copying: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,6 +453,15 @@ struct StreamSlot {
     in_splice_ready: bool,
     /// Set when the stream is being torn down: reset (abortive close) or clean.
     closing: Option<bool>,
+    /// Receive side of splice: payload bytes spliced from the session, waiting for the local
+    /// socket, then bytes that had to be read into memory (pipe full), in that order.
+    rx_pipe: Option<Pipe>,
+    rx_pipe_bytes: usize,
+    rx_overflow: VecDeque<Bytes>,
+    /// `sending` holds externally accounted bytes (from `rx_overflow`).
+    sending_external: bool,
+    /// Waiting for the local socket to take more (splice returned EAGAIN).
+    pollout_armed: bool,
 }
 
 // ----- the shard ---------------------------------------------------------------------------
@@ -454,6 +488,8 @@ struct Shard {
     dirty_streams: Vec<Key>,
     starved: Vec<Key>,
     listeners_need_arm: Vec<Key>,
+    /// Diagnostics: dump state every 2 s (`WARREN_DUMP_SHARDS`).
+    dump_every: Option<((), Instant)>,
 }
 
 impl Shard {
@@ -488,6 +524,7 @@ impl Shard {
             dirty_streams: Vec::new(),
             starved: Vec::new(),
             listeners_need_arm: Vec::new(),
+            dump_every: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| ((), Instant::now())),
         })
     }
 
@@ -665,9 +702,7 @@ impl Shard {
             if closing || self.draining {
                 return;
             }
-            self.stats
-                .visitors_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            self.stats.visitors_accepted.fetch_add(1, Ordering::Relaxed);
             let peer = sock
                 .peer_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -685,7 +720,13 @@ impl Shard {
     }
 
     /// Serves a visitor through a session on this shard, or hands it to a shard that has one.
-    fn route_visitor(&mut self, service: Arc<str>, sock: TcpStream, peer: SocketAddr, may_hand_off: bool) {
+    fn route_visitor(
+        &mut self,
+        service: Arc<str>,
+        sock: TcpStream,
+        peer: SocketAddr,
+        may_hand_off: bool,
+    ) {
         let candidates: Vec<Key> = self
             .sessions
             .keys()
@@ -709,7 +750,15 @@ impl Shard {
                 Ok(id) => {
                     let splice = s.can_splice;
                     let Some(sock) = sock.take() else { return };
-                    let st = self.new_stream(sk, id, sock, LocalEnd::Visitor, service.clone(), StreamState::Open, splice);
+                    let st = self.new_stream(
+                        sk,
+                        id,
+                        sock,
+                        LocalEnd::Visitor,
+                        service.clone(),
+                        StreamState::Open,
+                        splice,
+                    );
                     if let Some(s) = self.sessions.get(sk) {
                         s.streams.insert(id, st);
                     }
@@ -732,15 +781,11 @@ impl Shard {
                     return;
                 }
                 warn!(shard = self.index, %service, "shard {other} queue full; visitor {peer} dropped");
-                self.stats
-                    .visitors_unrouted
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.visitors_unrouted.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        self.stats
-            .visitors_unrouted
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.visitors_unrouted.fetch_add(1, Ordering::Relaxed);
         info!(%service, %peer, "visitor refused: no client is connected for this service");
     }
 
@@ -749,7 +794,10 @@ impl Shard {
     fn add_session(&mut self, h: SessionHandoff) {
         let parts = h.parts;
         if let Err(e) = parts.sock.set_nonblocking(true) {
-            warn!(session = h.session_id, "cannot register session socket: {e}");
+            warn!(
+                session = h.session_id,
+                "cannot register session socket: {e}"
+            );
             if let Some(done) = h.done {
                 let _ = done.send(SessionEnd {
                     error: Some(e.to_string()),
@@ -782,6 +830,9 @@ impl Shard {
             write_failed: false,
             published: SessionStats::default(),
             can_splice,
+            rx_splice_mode: can_splice,
+            rx_ready: true,
+            rx_splice: None,
         };
         if let SessionRole::Server { services } = &slot.role {
             for s in services {
@@ -812,10 +863,298 @@ impl Shard {
         s.recv_armed = true;
         s.inflight += 1;
         let fd = s.sock.as_raw_fd();
-        let e = opcode::RecvMulti::new(types::Fd(fd), bgid)
-            .build()
-            .user_data(user_data(Op::SessionRecv, k));
+        let e = if s.rx_splice_mode {
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(Op::SessionPollIn, k))
+        } else {
+            opcode::RecvMulti::new(types::Fd(fd), bgid)
+                .build()
+                .user_data(user_data(Op::SessionRecv, k))
+        };
         self.push(&e);
+    }
+
+    fn on_session_pollin(&mut self, k: Key, res: i32, flags: u32) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        if !cqueue::more(flags) {
+            s.recv_armed = false;
+            s.inflight -= 1;
+        }
+        if s.ending.is_some() {
+            self.dirty_sessions.push(k);
+            return;
+        }
+        if res < 0 && res != -libc::ECANCELED {
+            s.core.handle_connection_lost(&format!(
+                "session socket: {}",
+                io::Error::from_raw_os_error(-res)
+            ));
+        } else {
+            s.rx_ready = true;
+        }
+        self.dirty_sessions.push(k);
+        if !cqueue::more(flags) && res >= 0 {
+            self.arm_session_recv(k);
+        }
+    }
+
+    /// Splice-receive mode: reads the session socket in small pieces, feeds complete frames to
+    /// the core, and splices a large DATA payload straight into its stream's pipe.
+    fn session_read(&mut self, k: Key) {
+        let now = Instant::now();
+        let mut budget = RX_BUDGET;
+        loop {
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            if !s.rx_ready || s.ending.is_some() || s.core.is_closed() {
+                return;
+            }
+            if budget == 0 {
+                self.dirty_sessions.push(k);
+                return;
+            }
+            let fd = s.sock.as_raw_fd();
+            // 1. A payload on its way into a pipe.
+            if let Some(rx) = s.rx_splice.as_mut() {
+                let (sk, left, copying) = (rx.stream, rx.left, rx.copying);
+                let Some(st) = self.streams.get(sk) else {
+                    let s = self.sessions.get(k).expect("checked above");
+                    s.core
+                        .handle_connection_lost("internal: a receiving stream vanished mid-frame");
+                    return;
+                };
+                let r = if copying {
+                    // Never past this payload: the next frame's bytes belong to `input`.
+                    let want = left.min(RX_READ * 4);
+                    let mut buf = BytesMut::with_capacity(want);
+                    // SAFETY: reads at most `want` bytes into the spare capacity of `buf`
+                    // (at least `want` long), then sets the length to what the kernel wrote.
+                    let n = unsafe {
+                        libc::recv(fd, buf.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT)
+                    };
+                    if n > 0 {
+                        // SAFETY: the kernel initialised `n` bytes.
+                        unsafe { buf.set_len(n as usize) };
+                        st.rx_overflow.push_back(buf.freeze());
+                        Ok(n as usize)
+                    } else if n == 0 {
+                        Ok(0)
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                } else {
+                    let pipe = st.rx_pipe.as_ref().expect("a receiving stream has a pipe");
+                    match sys::splice(fd, pipe.write.as_raw_fd(), left) {
+                        Ok(n) => {
+                            st.rx_pipe_bytes += n;
+                            Ok(n)
+                        }
+                        Err(e) => Err(e),
+                    }
+                };
+                trace!(side = self.cfg.shards.name, left, ?r, "session splice");
+                let s = self.sessions.get(k).expect("checked above");
+                match r {
+                    Ok(0) => {
+                        s.core.handle_connection_lost(&format!(
+                            "the peer closed the connection inside a DATA frame ({left} bytes missing)"
+                        ));
+                        return;
+                    }
+                    Ok(n) => {
+                        budget = budget.saturating_sub(n);
+                        let rx = s.rx_splice.as_mut().expect("checked above");
+                        rx.left -= n;
+                        if rx.left == 0 {
+                            s.rx_splice = None;
+                            self.dirty_streams.push(sk);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Socket empty, or the pipe is full by slots (small segments): ask the
+                        // socket. With bytes waiting, read the rest into memory instead.
+                        let mut avail: libc::c_int = 0;
+                        // SAFETY: FIONREAD writes one int.
+                        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) };
+                        if r == 0 && avail > 0 && !copying {
+                            if let Some(rx) = s.rx_splice.as_mut() {
+                                rx.copying = true;
+                            }
+                            continue;
+                        }
+                        s.rx_ready = false;
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        s.core
+                            .handle_connection_lost(&format!("reading the session socket: {e}"));
+                        return;
+                    }
+                }
+                continue;
+            }
+            // 2. Complete frames in `input`; a large DATA frame whose payload is still mostly
+            //    in the socket goes to its stream's pipe.
+            if !s.input.is_empty() {
+                let _ = s.core.handle_input(now, &mut s.input);
+                if s.core.is_closed() {
+                    return;
+                }
+                if let Some((id, len)) = s.core.peek_data(&s.input) {
+                    let have = s.input.len() - warren_proto::frame::HEADER_LEN;
+                    let rest = (len as usize).saturating_sub(have);
+                    if rest >= RX_SPLICE_MIN && s.core.stream_can_take_external(id, len) {
+                        if let Some(sk) = s.streams.get(&id).copied() {
+                            if self.rx_pipe_ready(sk, len as usize) {
+                                self.start_rx_splice(k, sk, now);
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            // 3. Read more.
+            let Some(s) = self.sessions.get(k) else {
+                return;
+            };
+            let want = match s.core.peek_data(&s.input) {
+                // The rest of a DATA frame that is being copied: exactly that, so the next
+                // frame starts a fresh read.
+                Some((_, len)) => {
+                    let have = s.input.len() - warren_proto::frame::HEADER_LEN;
+                    (len as usize).saturating_sub(have).clamp(1, RX_READ * 4)
+                }
+                None => RX_READ,
+            };
+            s.input.reserve(want);
+            let spare = s.input.spare_capacity_mut();
+            let want = want.min(spare.len());
+            // SAFETY: reads into the spare capacity of `input`, then sets the length to what
+            // the kernel wrote.
+            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+            trace!(side = self.cfg.shards.name, want, n, "session read");
+            if n > 0 {
+                let len = s.input.len() + n as usize;
+                // SAFETY: the kernel initialised `n` more bytes.
+                unsafe { s.input.set_len(len) };
+                budget = budget.saturating_sub(n as usize);
+            } else if n == 0 {
+                let why = if s.input.is_empty() {
+                    "the peer closed the connection".to_string()
+                } else {
+                    format!(
+                        "the peer closed the connection inside a frame ({} bytes pending)",
+                        s.input.len()
+                    )
+                };
+                s.core.handle_connection_lost(&why);
+                return;
+            } else {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        s.rx_ready = false;
+                        return;
+                    }
+                    io::ErrorKind::Interrupted => {}
+                    _ => {
+                        s.core
+                            .handle_connection_lost(&format!("reading the session socket: {e}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives stream `sk` a receive pipe with room for a `len`-byte payload, if it can have one.
+    fn rx_pipe_ready(&mut self, sk: Key, len: usize) -> bool {
+        let pipe_size = self.cfg.pipe_size;
+        let pool_max = self.cfg.pipe_pool;
+        let Some(st) = self.streams.get(sk) else {
+            return false;
+        };
+        if st.closing.is_some() || !st.rx_overflow.is_empty() || st.sending_external {
+            return false;
+        }
+        if st.rx_pipe.is_none() {
+            let pipe = match self.pipes.pop() {
+                Some(p) => Some(p),
+                None if self.pipes_out < pool_max => Pipe::new(pipe_size).ok(),
+                None => None,
+            };
+            let Some(p) = pipe else {
+                return false;
+            };
+            self.pipes_out += 1;
+            let st = self.streams.get(sk).expect("checked above");
+            st.rx_pipe = Some(p);
+        }
+        let st = self.streams.get(sk).expect("checked above");
+        let cap = st.rx_pipe.as_ref().map_or(0, |p| p.capacity);
+        cap.saturating_sub(st.rx_pipe_bytes) >= len
+    }
+
+    fn start_rx_splice(&mut self, k: Key, sk: Key, now: Instant) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        let (id, len, head) = match s.core.take_external_data(now, &mut s.input) {
+            Ok(x) => x,
+            Err(e) => {
+                s.core.handle_connection_lost(&e.to_string());
+                return;
+            }
+        };
+        let left = len as usize - head.len();
+        if left > 0 {
+            s.rx_splice = Some(RxSplice {
+                stream: sk,
+                left,
+                copying: false,
+            });
+        }
+        let Some(st) = self.streams.get(sk) else {
+            return;
+        };
+        trace!(side = self.cfg.shards.name, %id, len, head = head.len(), "receive splice");
+        if !head.is_empty() {
+            // The bytes that came with the header go into the pipe first, by copy.
+            let pipe = st.rx_pipe.as_ref().expect("rx_pipe_ready gave it one");
+            let mut off = 0;
+            while off < head.len() {
+                // SAFETY: writes from a live slice to a pipe we own.
+                let n = unsafe {
+                    libc::write(
+                        pipe.write.as_raw_fd(),
+                        head[off..].as_ptr().cast(),
+                        head.len() - off,
+                    )
+                };
+                if n <= 0 {
+                    // The pipe had room for the whole payload by bytes; by slots it may not:
+                    // keep the rest in memory, in order.
+                    break;
+                }
+                off += n as usize;
+            }
+            st.rx_pipe_bytes += off;
+            if off < head.len() {
+                st.rx_overflow.push_back(head.slice(off..));
+                if let Some(s) = self.sessions.get(k) {
+                    if let Some(rx) = s.rx_splice.as_mut() {
+                        rx.copying = true;
+                    }
+                }
+            }
+        }
+        self.dirty_streams.push(sk);
     }
 
     fn on_session_recv(&mut self, k: Key, res: i32, flags: u32) {
@@ -1161,6 +1500,13 @@ impl Shard {
 
     /// Turns core events into stream work, and ends the session when it is over.
     fn serve_session(&mut self, k: Key) {
+        if self
+            .sessions
+            .get(k)
+            .is_some_and(|s| s.rx_splice_mode && s.rx_ready)
+        {
+            self.session_read(k);
+        }
         let Some(s) = self.sessions.get(k) else {
             return;
         };
@@ -1168,7 +1514,9 @@ impl Shard {
         let mut opened = Vec::new();
         while let Some(ev) = s.core.poll_event() {
             match ev {
-                Event::StreamReadable(id) | Event::StreamWritable(id) | Event::StreamReset { id, .. } => {
+                Event::StreamReadable(id)
+                | Event::StreamWritable(id)
+                | Event::StreamReset { id, .. } => {
                     if let Some(st) = s.streams.get(&id) {
                         self.dirty_streams.push(*st);
                     }
@@ -1186,6 +1534,7 @@ impl Shard {
         for (id, service, visitor) in opened {
             self.open_service_stream(k, id, service, visitor);
         }
+
         if self.sessions.get(k).is_some_and(|s| s.ending.is_none()) {
             self.session_transmit(k);
         }
@@ -1231,7 +1580,11 @@ impl Shard {
         if s.ending.is_none() {
             let over = if let Some(e) = s.core.error() {
                 Some(Some(e.to_string()))
-            } else if s.core.is_drained() && s.out_sent >= s.out.len() && s.splice.is_none() && !s.core.has_transmit() {
+            } else if s.core.is_drained()
+                && s.out_sent >= s.out.len()
+                && s.splice.is_none()
+                && !s.core.has_transmit()
+            {
                 Some(None)
             } else {
                 None
@@ -1262,7 +1615,12 @@ impl Shard {
                 }
             }
             if s.recv_armed {
-                let e = opcode::AsyncCancel::new(user_data(Op::SessionRecv, k))
+                let op = if s.rx_splice_mode {
+                    Op::SessionPollIn
+                } else {
+                    Op::SessionRecv
+                };
+                let e = opcode::AsyncCancel::new(user_data(op, k))
                     .build()
                     .user_data(user_data(Op::Cancel, k));
                 self.push(&e);
@@ -1304,7 +1662,12 @@ impl Shard {
         if s.inflight > 0 {
             if timed_out || s.write_failed {
                 let sk = k;
-                for op in [Op::SessionSend, Op::SessionPollOut, Op::SessionRecv] {
+                for op in [
+                    Op::SessionSend,
+                    Op::SessionPollOut,
+                    Op::SessionRecv,
+                    Op::SessionPollIn,
+                ] {
                     let e = opcode::AsyncCancel::new(user_data(op, sk))
                         .build()
                         .user_data(user_data(Op::Cancel, sk));
@@ -1342,7 +1705,10 @@ impl Shard {
             Ordering::Relaxed,
         );
         stats.bytes_received.fetch_add(
-            d(now_stats.data_bytes_received, s.published.data_bytes_received),
+            d(
+                now_stats.data_bytes_received,
+                s.published.data_bytes_received,
+            ),
             Ordering::Relaxed,
         );
         stats
@@ -1419,7 +1785,15 @@ impl Shard {
         };
         debug!(session = sid, %id, %service, ?visitor, "dialling service");
         let sock: TcpStream = sock.into();
-        let st = self.new_stream(k, id, sock, LocalEnd::Service, Arc::from(service.as_str()), StreamState::Connecting, splice);
+        let st = self.new_stream(
+            k,
+            id,
+            sock,
+            LocalEnd::Service,
+            Arc::from(service.as_str()),
+            StreamState::Connecting,
+            splice,
+        );
         if let Some(s) = self.sessions.get(k) {
             s.streams.insert(id, st);
         }
@@ -1487,6 +1861,11 @@ impl Shard {
             splice_mode: splice,
             in_splice_ready: false,
             closing: None,
+            rx_pipe: None,
+            rx_pipe_bytes: 0,
+            rx_overflow: VecDeque::new(),
+            sending_external: false,
+            pollout_armed: false,
         })
     }
 
@@ -1589,6 +1968,17 @@ impl Shard {
                 st.sending = None;
             }
         }
+        if st.sending_external {
+            if st.sending.is_none() {
+                st.sending_external = false;
+            }
+            let (sk, id) = (st.session, st.id);
+            if let Some(s) = self.sessions.get(sk) {
+                s.core
+                    .stream_consumed_external(Instant::now(), id, res as u32);
+                self.dirty_sessions.push(sk);
+            }
+        }
         self.dirty_streams.push(k);
     }
 
@@ -1635,7 +2025,53 @@ impl Shard {
         let mut session_dirty = false;
         // Session -> local socket.
         let st = self.streams.get(k).expect("checked above");
-        if !st.send_inflight && st.sending.is_none() && !st.write_done {
+        let rx_busy = st.send_inflight || st.sending.is_some() || st.pollout_armed || st.write_done;
+        trace!(side = self.cfg.shards.name, %id, rx_busy, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), sending = st.sending.is_some(), inflight = st.send_inflight, pollout = st.pollout_armed, "serve stream (to local)");
+        if !rx_busy && st.rx_pipe_bytes > 0 {
+            // Spliced payload first: pipe -> local socket.
+            let pipe = st.rx_pipe.as_ref().expect("bytes imply a pipe");
+            match sys::splice(pipe.read.as_raw_fd(), st.sock.as_raw_fd(), st.rx_pipe_bytes) {
+                Ok(n) => {
+                    st.rx_pipe_bytes -= n;
+                    // More may follow: the rest of the pipe, memory overflow, queued frames.
+                    self.dirty_streams.push(k);
+                    let s = self.sessions.get(sk).expect("checked above");
+                    s.core.stream_consumed_external(now, id, n as u32);
+                    session_dirty = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    st.pollout_armed = true;
+                    st.inflight += 1;
+                    let e =
+                        opcode::PollAdd::new(types::Fd(st.sock.as_raw_fd()), libc::POLLOUT as u32)
+                            .build()
+                            .user_data(user_data(Op::StreamPollOut, k));
+                    self.push(&e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.dirty_streams.push(k),
+                Err(e) => {
+                    let code = st.end.error_code();
+                    debug!(stream = %id, "stream reset ({} side): writing: {e}", st.end.name());
+                    self.close_stream(k, false, Some(code));
+                    return;
+                }
+            }
+        } else if !rx_busy && !st.rx_overflow.is_empty() {
+            st.sending = st.rx_overflow.pop_front();
+            st.sending_external = true;
+        } else if !rx_busy {
+            // Give an empty receive pipe back unless a payload is still on its way into it.
+            let receiving = self
+                .sessions
+                .get(sk)
+                .is_some_and(|s| s.rx_splice.as_ref().is_some_and(|r| r.stream == k));
+            let st = self.streams.get(k).expect("checked above");
+            if !receiving && st.rx_pipe.is_some() && st.rx_pipe_bytes == 0 {
+                if let Some(p) = st.rx_pipe.take() {
+                    self.pipes_out -= 1;
+                    self.pipes.push(p);
+                }
+            }
             let s = self.sessions.get(sk).expect("checked above");
             match s.core.stream_read(now, id, WRITE_CHUNK) {
                 Readable::Data(b) => {
@@ -1658,10 +2094,11 @@ impl Shard {
         let st = self.streams.get(k).expect("checked above");
         if !st.send_inflight {
             if let Some(b) = st.sending.as_ref() {
-                let e = opcode::Send::new(types::Fd(st.sock.as_raw_fd()), b.as_ptr(), b.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(user_data(Op::StreamSend, k));
+                let e =
+                    opcode::Send::new(types::Fd(st.sock.as_raw_fd()), b.as_ptr(), b.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(user_data(Op::StreamSend, k));
                 st.send_inflight = true;
                 st.inflight += 1;
                 self.push(&e);
@@ -1925,6 +2362,7 @@ impl Shard {
             (st.recv_armed, Op::StreamRecv),
             (st.send_inflight, Op::StreamSend),
             (st.poll_armed, Op::StreamPollIn),
+            (st.pollout_armed, Op::StreamPollOut),
             (st.state == StreamState::Connecting, Op::Connect),
         ]
         .iter()
@@ -1951,6 +2389,8 @@ impl Shard {
                 s.streams.remove(&id);
                 s.splice_ready.retain(|x| *x != k);
             }
+            // The session may be drained now, or have a RST to send.
+            self.dirty_sessions.push(sk);
         }
         self.finish_close(k);
     }
@@ -1964,11 +2404,10 @@ impl Shard {
         }
         // A pipe mid-frame stays until the session is done with it.
         let sk = st.session;
-        if self
-            .sessions
-            .get(sk)
-            .is_some_and(|s| s.splice.as_ref().is_some_and(|sp| sp.stream == k))
-        {
+        if self.sessions.get(sk).is_some_and(|s| {
+            s.splice.as_ref().is_some_and(|sp| sp.stream == k)
+                || s.rx_splice.as_ref().is_some_and(|r| r.stream == k)
+        }) {
             return;
         }
         let Some(mut st) = self.streams.remove(k) else {
@@ -1977,6 +2416,12 @@ impl Shard {
         if let Some(p) = st.pipe.take() {
             self.pipes_out -= 1;
             if st.pipe_bytes == 0 {
+                self.pipes.push(p);
+            }
+        }
+        if let Some(p) = st.rx_pipe.take() {
+            self.pipes_out -= 1;
+            if st.rx_pipe_bytes == 0 {
                 self.pipes.push(p);
             }
         }
@@ -1990,7 +2435,15 @@ impl Shard {
         let Some((op, k)) = decode(ud) else {
             return;
         };
-        trace!(side = self.cfg.shards.name, shard = self.index, ?op, index = k.index, res, more = cqueue::more(flags), "completion");
+        trace!(
+            side = self.cfg.shards.name,
+            shard = self.index,
+            ?op,
+            index = k.index,
+            res,
+            more = cqueue::more(flags),
+            "completion"
+        );
         match op {
             Op::Mailbox => {
                 self.mailbox_armed = false;
@@ -2000,6 +2453,14 @@ impl Shard {
             Op::SessionRecv => self.on_session_recv(k, res, flags),
             Op::SessionSend => self.on_session_send(k, res),
             Op::SessionPollOut => self.on_session_pollout(k, res),
+            Op::SessionPollIn => self.on_session_pollin(k, res, flags),
+            Op::StreamPollOut => {
+                if let Some(st) = self.streams.get(k) {
+                    st.pollout_armed = false;
+                    st.inflight -= 1;
+                    self.dirty_streams.push(k);
+                }
+            }
             Op::StreamRecv => self.on_stream_recv(k, res, flags),
             Op::StreamSend => self.on_stream_send(k, res),
             Op::StreamPollIn => self.on_stream_pollin(k, res, flags),
@@ -2072,11 +2533,39 @@ impl Shard {
         if !self.dirty_sessions.is_empty() || !self.dirty_streams.is_empty() {
             return Some(Instant::now());
         }
+        if let Some((_, last)) = self.dump_every {
+            let d = last + Duration::from_secs(2);
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
         next
+    }
+
+    /// Logs every session's and stream's state at debug level (`WARREN_DUMP_SHARDS=1`), at
+    /// most every 2 s: for diagnosing stalls.
+    fn dump_state(&mut self) {
+        for k in self.sessions.keys() {
+            if let Some(s) = self.sessions.get(k) {
+                debug!(side = self.cfg.shards.name, shard = self.index, session = s.id, rx_ready = s.rx_ready, rx_splice = ?s.rx_splice, tx_splice = ?s.splice, out = s.out.len(), out_sent = s.out_sent, send_inflight = s.send_inflight, poll_inflight = s.poll_inflight, recv_armed = s.recv_armed, input = s.input.len(), splice_ready = s.splice_ready.len(), core_streams = s.core.stream_count(), drained = s.core.is_drained(), has_transmit = s.core.has_transmit(), "dump session");
+            }
+        }
+        for k in self.streams.keys() {
+            if let Some(st) = self.streams.get(k) {
+                debug!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, state = ?st.state, recv_armed = st.recv_armed, send_inflight = st.send_inflight, sending = st.sending.as_ref().map(|b| b.len()), poll_armed = st.poll_armed, pollout = st.pollout_armed, held = st.held_bytes, eof = st.read_eof, fin = st.fin_queued, write_done = st.write_done, pipe = st.pipe_bytes, in_ready = st.in_splice_ready, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), closing = ?st.closing, inflight = st.inflight, "dump stream");
+            }
+        }
     }
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
+        if self
+            .dump_every
+            .is_some_and(|(_, last)| now.duration_since(last) > Duration::from_secs(2))
+        {
+            self.dump_state();
+            if let Some(d) = self.dump_every.as_mut() {
+                d.1 = now;
+            }
+        }
         for k in self.sessions.keys() {
             if let Some(s) = self.sessions.get(k) {
                 match &s.ending {
@@ -2110,7 +2599,12 @@ impl Shard {
                 }
                 s.write_failed = true;
             }
-            for op in [Op::SessionSend, Op::SessionPollOut, Op::SessionRecv] {
+            for op in [
+                Op::SessionSend,
+                Op::SessionPollOut,
+                Op::SessionRecv,
+                Op::SessionPollIn,
+            ] {
                 let e = opcode::AsyncCancel::new(user_data(op, k))
                     .build()
                     .user_data(user_data(Op::Cancel, k));
@@ -2194,4 +2688,3 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
         .next()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
 }
-
