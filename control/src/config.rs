@@ -420,12 +420,12 @@ impl Default for Tuning {
             initial_stream_window_bytes: 256 * KIB,
             max_stream_window_bytes: 16 * MIB,
             session_window_bytes: 64 * MIB,
-            max_frame_payload_bytes: 64 * KIB,
+            max_frame_payload_bytes: 256 * KIB,
             quantum_bytes: 64 * KIB,
             read_buffer_bytes: 64 * KIB,
             max_streams_per_session: 16_384,
             backend: Backend::Auto,
-            buffer_count: 4096,
+            buffer_count: 512,
             pipe_size_bytes: MIB,
             pipe_pool_size: 256,
         }
@@ -2047,7 +2047,7 @@ local_addr = "127.0.0.1:22"
                 d.pipe_size_bytes,
                 d.pipe_pool_size
             ),
-            (Backend::Auto, 4096, 1 << 20, 256)
+            (Backend::Auto, 512, 1 << 20, 256)
         );
     }
 

@@ -9,6 +9,13 @@ use tracing::info;
 use warren::backend::Backend;
 use warren::config::{load_config, ConfigFile};
 
+/// mimalloc's per-thread heaps: no arena trimming between a shard's buffer frees and the next
+/// allocation (the madvise/page-fault churn the first profile showed with glibc's allocator).
+/// Chosen by measurement, see perf/results/ (warren-sysalloc-tcp in perf/compare).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// warren: a self-hosted multiplexed reverse tunnel.
 #[derive(Debug, Parser)]
 #[command(version, about)]

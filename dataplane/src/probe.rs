@@ -44,6 +44,9 @@ pub struct Probe {
     pub memlock_bytes: u64,
     /// `IORING_OP_SEND_ZC` is available.
     pub send_zc: bool,
+    /// Kernel TLS offload: `Ok` when the kernel offers it, else why not. Sessions use rustls
+    /// inside the shard either way (see ARCHITECTURE.md, "TLS sessions").
+    pub ktls: Result<(), String>,
 }
 
 /// The ring setup flags in use, best first.
@@ -72,11 +75,15 @@ impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "io_uring on kernel {} (setup flags {}, RLIMIT_MEMLOCK {} KiB, send_zc {})",
+            "io_uring on kernel {} (setup flags {}, RLIMIT_MEMLOCK {} KiB, send_zc {}, kernel TLS {})",
             self.kernel,
             self.setup,
             self.memlock_bytes / 1024,
-            self.send_zc
+            self.send_zc,
+            match &self.ktls {
+                Ok(()) => "available".to_string(),
+                Err(e) => format!("unavailable: {e}"),
+            }
         )
     }
 }

@@ -78,6 +78,25 @@ def build_release():
     return os.path.join(target, "release", "warren"), os.path.join(target, "release", "warren-load")
 
 
+def sysalloc_path():
+    """Where build_sysalloc puts the system-allocator build of warren."""
+    return os.path.join(REPO, "target", "sysalloc", "release", "warren")
+
+
+def build_sysalloc():
+    """Builds warren without its default features (system allocator instead of mimalloc) into
+    its own target directory, for the allocator comparison. Returns the binary's path."""
+    log("building warren with the system allocator (release, --no-default-features)")
+    r = subprocess.run(
+        ["nice", "-n", "19", "cargo", "build", "--release", "-p", "warren", "--no-default-features",
+         "--target-dir", os.path.join(REPO, "target", "sysalloc")],
+        cwd=REPO,
+    )
+    if r.returncode != 0:
+        sys.exit("perf: cargo build --release --no-default-features failed")
+    return sysalloc_path()
+
+
 class Proc:
     """A process we spawned; stopped by its own PID (its own process group)."""
 

@@ -99,14 +99,32 @@ class KernelNat(System):
 
 
 class Warren(System):
-    def __init__(self, ctx, transport):
+    """warren with a given session transport and data plane.
+
+    `backend` is passed as `--backend` to both processes: "uring" (the Linux data plane, the
+    default systems `warren-tcp` / `warren-tls`) or "compat" (`warren-compat-tcp`). `binary`
+    names the ctx key of the executable: "warren" (mimalloc, the shipped build) or
+    "warren_sysalloc" (built with `--no-default-features`: the system allocator), for the
+    allocator comparison (`warren-sysalloc-tcp`)."""
+
+    def __init__(self, ctx, transport, backend="uring", binary="warren"):
         super().__init__(ctx)
         self.transport = transport
-        self.name = f"warren-{transport}"
-        self.label = f"warren ({transport})"
+        self.backend = backend
+        self.binary = binary
+        if binary == "warren_sysalloc":
+            self.name = f"warren-sysalloc-{transport}"
+            self.label = f"warren {backend} ({transport}, system allocator)"
+        elif backend == "uring":
+            self.name = f"warren-{transport}"
+            self.label = f"warren io_uring ({transport})"
+        else:
+            self.name = f"warren-{backend}-{transport}"
+            self.label = f"warren {backend} ({transport})"
 
     def available(self):
-        return None if os.path.exists(self.ctx["warren"]) else "warren binary missing"
+        b = self.ctx.get(self.binary)
+        return None if b and os.path.exists(b) else f"{self.binary} binary missing"
 
     def _start(self, base_port):
         d = self.dir
@@ -119,7 +137,9 @@ class Warren(System):
             cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")
         with open(f"{d}/server.toml", "w") as f:
             f.write("\n".join(srv))
-        s = Proc(f"{self.name}-server", [self.ctx["warren"], "server", "-c", f"{d}/server.toml"], d)
+        exe = self.ctx[self.binary]
+        s = Proc(f"{self.name}-server",
+                 [exe, "server", "-c", f"{d}/server.toml", "--backend", self.backend], d)
         self.procs.append(s)
         fp = ""
         if self.transport == "tls":
@@ -138,7 +158,7 @@ class Warren(System):
         from common import wait_port
         wait_port("127.0.0.1", base_port, 15)
         self.procs.append(Proc(f"{self.name}-client",
-                               [self.ctx["warren"], "client", "-c", f"{d}/client.toml"], d))
+                               [exe, "client", "-c", f"{d}/client.toml", "--backend", self.backend], d))
 
 
 class Rathole(System):
@@ -231,4 +251,5 @@ class Ferro(System):
 
 def all_systems(ctx):
     return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
-            Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls")]
+            Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
+            Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_sysalloc")]

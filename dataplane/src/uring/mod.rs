@@ -1,6 +1,7 @@
 //! The io_uring backend proper (Linux only).
 
 pub(crate) mod bufring;
+pub(crate) mod clock;
 pub(crate) mod probe;
 pub(crate) mod shard;
 pub(crate) mod sys;

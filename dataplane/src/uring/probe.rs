@@ -107,6 +107,7 @@ pub(crate) fn run() -> Result<Probe, Unavailable> {
         setup,
         memlock_bytes: memlock,
         send_zc,
+        ktls: ktls_probe(),
     })
 }
 
@@ -132,9 +133,9 @@ fn smoke(ring: &mut IoUring) -> io::Result<()> {
             .map_err(|_| io::Error::other("submission queue full"))?;
     }
     let (mut sent, mut got) = (false, false);
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let deadline = super::clock::now() + Duration::from_secs(1);
     while !(sent && got) {
-        if std::time::Instant::now() >= deadline {
+        if super::clock::now() >= deadline {
             return Err(io::Error::other(
                 "no completion within 1 s (io_uring_enter may be filtered)",
             ));
@@ -162,16 +163,60 @@ fn smoke(ring: &mut IoUring) -> io::Result<()> {
             }
         }
     }
-    // Stop the multishot receive before the socket and the buffer ring go away.
+    // Stop the multishot receive before the socket and the buffer ring go away, and wait for
+    // its last completion: the kernel may not touch either after we return.
     let cancel = opcode::AsyncCancel::new(2).build().user_data(3);
     // SAFETY: a cancel references no memory.
     unsafe {
-        let _ = ring.submission().push(&cancel);
+        ring.submission()
+            .push(&cancel)
+            .map_err(|_| io::Error::other("submission queue full"))?;
     }
-    let _ = ring.submit_and_wait(1);
-    let ts = types::Timespec::from(Duration::from_millis(100));
-    let args = types::SubmitArgs::new().timespec(&ts);
-    let _ = ring.submitter().submit_with_args(1, &args);
-    ring.completion().for_each(drop);
+    let deadline = super::clock::now() + Duration::from_secs(1);
+    loop {
+        if super::clock::now() >= deadline {
+            return Err(io::Error::other(
+                "the probe's multishot receive did not end after a cancel",
+            ));
+        }
+        let ts = types::Timespec::from(Duration::from_millis(100));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        let ended = ring
+            .completion()
+            .any(|c| c.user_data() == 2 && !io_uring::cqueue::more(c.flags()));
+        if ended {
+            break;
+        }
+    }
     Ok(())
+}
+
+/// Whether the kernel offers TLS offload (`setsockopt(TCP_ULP, "tls")` on a connected loopback
+/// socket). `Err` names why not (ENOENT: the kernel has no `CONFIG_TLS`).
+fn ktls_probe() -> Result<(), String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let c = std::net::TcpStream::connect(l.local_addr().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let _accepted = l.accept().map_err(|e| e.to_string())?;
+    let name = b"tls\0";
+    // SAFETY: setsockopt with a valid fd, level, option and a NUL-terminated name.
+    let r = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            (name.len() - 1) as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!("TCP_ULP \"tls\": {}", io::Error::last_os_error()))
+    }
 }

@@ -31,6 +31,7 @@ use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
 use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
 
 use super::bufring::BufRing;
+use super::clock;
 use super::sys::{self, Pipe};
 use crate::probe::SetupFlags;
 use crate::UringConfig;
@@ -524,7 +525,7 @@ impl Shard {
             dirty_streams: Vec::new(),
             starved: Vec::new(),
             listeners_need_arm: Vec::new(),
-            dump_every: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| ((), Instant::now())),
+            dump_every: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| ((), clock::now())),
         })
     }
 
@@ -554,7 +555,7 @@ impl Shard {
                 return Ok(());
             }
             self.serve();
-            let now = Instant::now();
+            let now = clock::now();
             let deadline = self.next_deadline();
             let has_ready = !self.ring.completion().is_empty();
             let res = if has_ready {
@@ -810,7 +811,7 @@ impl Shard {
         let slot = SessionSlot {
             sock: parts.sock,
             tls: parts.tls,
-            core: Session::new(h.config, Instant::now()),
+            core: Session::new(h.config, clock::now()),
             id: h.session_id,
             peer_name: h.peer_name,
             role: h.role,
@@ -905,7 +906,7 @@ impl Shard {
     /// Splice-receive mode: reads the session socket in small pieces, feeds complete frames to
     /// the core, and splices a large DATA payload straight into its stream's pipe.
     fn session_read(&mut self, k: Key) {
-        let now = Instant::now();
+        let now = clock::now();
         let mut budget = RX_BUDGET;
         loop {
             let Some(s) = self.sessions.get(k) else {
@@ -1174,7 +1175,7 @@ impl Shard {
         if s.ending.is_some() {
             return;
         }
-        let now = Instant::now();
+        let now = clock::now();
         if let Some(data) = data {
             let fed = match s.tls.as_mut() {
                 None => {
@@ -1576,7 +1577,7 @@ impl Shard {
         let Some(s) = self.sessions.get(k) else {
             return;
         };
-        let now = Instant::now();
+        let now = clock::now();
         if s.ending.is_none() {
             let over = if let Some(e) = s.core.error() {
                 Some(Some(e.to_string()))
@@ -1975,7 +1976,7 @@ impl Shard {
             let (sk, id) = (st.session, st.id);
             if let Some(s) = self.sessions.get(sk) {
                 s.core
-                    .stream_consumed_external(Instant::now(), id, res as u32);
+                    .stream_consumed_external(clock::now(), id, res as u32);
                 self.dirty_sessions.push(sk);
             }
         }
@@ -2000,7 +2001,7 @@ impl Shard {
 
     /// Moves bytes between one local socket and its stream, within the credit the core allows.
     fn serve_stream(&mut self, k: Key) {
-        let now = Instant::now();
+        let now = clock::now();
         let Some(st) = self.streams.get(k) else {
             return;
         };
@@ -2531,7 +2532,7 @@ impl Shard {
             }
         }
         if !self.dirty_sessions.is_empty() || !self.dirty_streams.is_empty() {
-            return Some(Instant::now());
+            return Some(clock::now());
         }
         if let Some((_, last)) = self.dump_every {
             let d = last + Duration::from_secs(2);
@@ -2556,7 +2557,7 @@ impl Shard {
     }
 
     fn fire_timers(&mut self) {
-        let now = Instant::now();
+        let now = clock::now();
         if self
             .dump_every
             .is_some_and(|(_, last)| now.duration_since(last) > Duration::from_secs(2))
@@ -2595,7 +2596,7 @@ impl Shard {
             if let Some(s) = self.sessions.get(k) {
                 if s.ending.is_none() {
                     s.core.handle_connection_lost("shard stopped");
-                    s.ending = Some((Some("shard stopped".into()), Instant::now()));
+                    s.ending = Some((Some("shard stopped".into()), clock::now()));
                 }
                 s.write_failed = true;
             }
@@ -2611,8 +2612,8 @@ impl Shard {
                 self.push(&e);
             }
         }
-        let give_up = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < give_up {
+        let give_up = clock::now() + Duration::from_secs(2);
+        while clock::now() < give_up {
             let busy = self
                 .sessions
                 .keys()
