@@ -1,7 +1,7 @@
 //! In-process loopback through a whole tunnel: `warren`'s server and client started as a
 //! library (one shard each, a plain TCP session), a local service, and a blocking visitor on
-//! the bench thread. One group per data-plane backend (`loopback/compat`; others join beside
-//! it), each with:
+//! the bench thread. One group per data-plane backend (`loopback/compat`, `loopback/uring`),
+//! each with:
 //!
 //! - `download_64MiB`: a new visitor connection downloads 64 MiB from the service (stream open,
 //!   bulk transfer, close). Throughput in bytes.

@@ -24,16 +24,19 @@ const IO_BUF: usize = 256 * 1024;
 pub enum Backend {
     /// The portable tokio backend (`warren-compat`).
     Compat,
+    /// The Linux io_uring backend (`warren-dataplane`).
+    Uring,
 }
 
 impl Backend {
     /// Every backend this build has, in the order benchmarks run them.
-    pub const ALL: &'static [Backend] = &[Backend::Compat];
+    pub const ALL: &'static [Backend] = &[Backend::Compat, Backend::Uring];
 
     /// The name used in benchmark ids.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Compat => "compat",
+            Backend::Uring => "uring",
         }
     }
 }
@@ -53,14 +56,16 @@ impl Tunnel {
     /// Starts the service, the server and the client, and waits until the session is
     /// registered on the server, so the first visitor is tunnelled at once.
     pub async fn start(backend: Backend) -> Result<Tunnel, String> {
-        // Only the compat backend exists; a new variant must choose itself in the configs
-        // below, and this match makes the compiler say so.
-        match backend {
-            Backend::Compat => {}
-        }
+        // Each backend is asked for explicitly: `uring` fails to start (with the cause) where
+        // io_uring is unavailable, rather than quietly measuring compat twice.
+        let backend = match backend {
+            Backend::Compat => warren::backend::Backend::Compat,
+            Backend::Uring => warren::backend::Backend::Uring,
+        };
         let service = start_service().map_err(|e| format!("starting the service: {e}"))?;
         let pair = Pair::start(PairSpec {
             services: &[("bench", service)],
+            backend,
             ..PairSpec::default()
         })
         .await

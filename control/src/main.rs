@@ -9,9 +9,8 @@ use tracing::info;
 use warren::backend::Backend;
 use warren::config::{load_config, ConfigFile};
 
-/// mimalloc's per-thread heaps: no arena trimming between a shard's buffer frees and the next
-/// allocation (the madvise/page-fault churn the first profile showed with glibc's allocator).
-/// Chosen by measurement, see perf/results/ (warren-sysalloc-tcp in perf/compare).
+/// mimalloc, only with the `mimalloc` feature: measured worse than the system allocator on memory
+/// per held connection (perf/results/2026-11-22-0fee8e6e79/NOTES.md), so it is opt-in.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

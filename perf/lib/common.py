@@ -78,23 +78,24 @@ def build_release():
     return os.path.join(target, "release", "warren"), os.path.join(target, "release", "warren-load")
 
 
-def sysalloc_path():
-    """Where build_sysalloc puts the system-allocator build of warren."""
-    return os.path.join(REPO, "target", "sysalloc", "release", "warren")
+def mimalloc_path():
+    """Where build_mimalloc puts the mimalloc build of warren."""
+    return os.path.join(REPO, "target", "mimalloc", "release", "warren")
 
 
-def build_sysalloc():
-    """Builds warren without its default features (system allocator instead of mimalloc) into
-    its own target directory, for the allocator comparison. Returns the binary's path."""
-    log("building warren with the system allocator (release, --no-default-features)")
+def build_mimalloc():
+    """Builds warren with `--features mimalloc` (mimalloc as the global allocator instead of the
+    system allocator) into its own target directory, for the allocator comparison. Returns the
+    binary's path."""
+    log("building warren with mimalloc (release, --features mimalloc)")
     r = subprocess.run(
-        ["nice", "-n", "19", "cargo", "build", "--release", "-p", "warren", "--no-default-features",
-         "--target-dir", os.path.join(REPO, "target", "sysalloc")],
+        ["nice", "-n", "19", "cargo", "build", "--release", "-p", "warren", "--features", "mimalloc",
+         "--target-dir", os.path.join(REPO, "target", "mimalloc")],
         cwd=REPO,
     )
     if r.returncode != 0:
-        sys.exit("perf: cargo build --release --no-default-features failed")
-    return sysalloc_path()
+        sys.exit("perf: cargo build --release --features mimalloc failed")
+    return mimalloc_path()
 
 
 class Proc:

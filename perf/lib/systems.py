@@ -103,18 +103,18 @@ class Warren(System):
 
     `backend` is passed as `--backend` to both processes: "uring" (the Linux data plane, the
     default systems `warren-tcp` / `warren-tls`) or "compat" (`warren-compat-tcp`). `binary`
-    names the ctx key of the executable: "warren" (mimalloc, the shipped build) or
-    "warren_sysalloc" (built with `--no-default-features`: the system allocator), for the
-    allocator comparison (`warren-sysalloc-tcp`)."""
+    names the ctx key of the executable: "warren" (the shipped build, system allocator) or
+    "warren_mimalloc" (built with `--features mimalloc`), for the allocator comparison
+    (`warren-mimalloc-tcp`)."""
 
     def __init__(self, ctx, transport, backend="uring", binary="warren"):
         super().__init__(ctx)
         self.transport = transport
         self.backend = backend
         self.binary = binary
-        if binary == "warren_sysalloc":
-            self.name = f"warren-sysalloc-{transport}"
-            self.label = f"warren {backend} ({transport}, system allocator)"
+        if binary == "warren_mimalloc":
+            self.name = f"warren-mimalloc-{transport}"
+            self.label = f"warren {backend} ({transport}, mimalloc)"
         elif backend == "uring":
             self.name = f"warren-{transport}"
             self.label = f"warren io_uring ({transport})"
@@ -252,4 +252,4 @@ class Ferro(System):
 def all_systems(ctx):
     return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
-            Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_sysalloc")]
+            Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc")]

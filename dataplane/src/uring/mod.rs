@@ -4,6 +4,7 @@ pub(crate) mod bufring;
 pub(crate) mod clock;
 pub(crate) mod probe;
 pub(crate) mod shard;
+pub(crate) mod short_io;
 pub(crate) mod sys;
 
 use io_uring::IoUring;

@@ -32,6 +32,7 @@ use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
 
 use super::bufring::BufRing;
 use super::clock;
+use super::short_io;
 use super::sys::{self, Pipe};
 use crate::probe::SetupFlags;
 use crate::UringConfig;
@@ -931,7 +932,7 @@ impl Shard {
                 };
                 let r = if copying {
                     // Never past this payload: the next frame's bytes belong to `input`.
-                    let want = left.min(RX_READ * 4);
+                    let want = short_io::cap(left.min(RX_READ * 4));
                     let mut buf = BytesMut::with_capacity(want);
                     // SAFETY: reads at most `want` bytes into the spare capacity of `buf`
                     // (at least `want` long), then sets the length to what the kernel wrote.
@@ -950,7 +951,7 @@ impl Shard {
                     }
                 } else {
                     let pipe = st.rx_pipe.as_ref().expect("a receiving stream has a pipe");
-                    match sys::splice(fd, pipe.write.as_raw_fd(), left) {
+                    match sys::splice(fd, pipe.write.as_raw_fd(), short_io::cap(left)) {
                         Ok(n) => {
                             st.rx_pipe_bytes += n;
                             Ok(n)
@@ -1035,7 +1036,7 @@ impl Shard {
             };
             s.input.reserve(want);
             let spare = s.input.spare_capacity_mut();
-            let want = want.min(spare.len());
+            let want = short_io::cap(want.min(spare.len()));
             // SAFETY: reads into the spare capacity of `input`, then sets the length to what
             // the kernel wrote.
             let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
@@ -1246,7 +1247,7 @@ impl Shard {
                         libc::send(
                             fd,
                             s.out[s.out_sent..end].as_ptr().cast(),
-                            end - s.out_sent,
+                            short_io::cap(end - s.out_sent),
                             libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                         )
                     };
@@ -1256,7 +1257,7 @@ impl Shard {
                     }
                 }
                 let ptr = s.out[s.out_sent..].as_ptr();
-                let len = (end - s.out_sent) as u32;
+                let len = short_io::cap(end - s.out_sent) as u32;
                 s.send_inflight = true;
                 s.inflight += 1;
                 let mut flags = libc::MSG_NOSIGNAL;
@@ -1439,7 +1440,7 @@ impl Shard {
         let mut result = SpliceStep::Done;
         let mut error = None;
         while left > 0 {
-            match sys::splice(pipe_fd, sock_fd, left) {
+            match sys::splice(pipe_fd, sock_fd, short_io::cap(left)) {
                 Ok(0) => {
                     error = Some("internal: the splice pipe ran dry mid-frame".to_string());
                     break;
@@ -2031,7 +2032,11 @@ impl Shard {
         if !rx_busy && st.rx_pipe_bytes > 0 {
             // Spliced payload first: pipe -> local socket.
             let pipe = st.rx_pipe.as_ref().expect("bytes imply a pipe");
-            match sys::splice(pipe.read.as_raw_fd(), st.sock.as_raw_fd(), st.rx_pipe_bytes) {
+            match sys::splice(
+                pipe.read.as_raw_fd(),
+                st.sock.as_raw_fd(),
+                short_io::cap(st.rx_pipe_bytes),
+            ) {
                 Ok(n) => {
                     st.rx_pipe_bytes -= n;
                     // More may follow: the rest of the pipe, memory overflow, queued frames.
@@ -2095,11 +2100,14 @@ impl Shard {
         let st = self.streams.get(k).expect("checked above");
         if !st.send_inflight {
             if let Some(b) = st.sending.as_ref() {
-                let e =
-                    opcode::Send::new(types::Fd(st.sock.as_raw_fd()), b.as_ptr(), b.len() as u32)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build()
-                        .user_data(user_data(Op::StreamSend, k));
+                let e = opcode::Send::new(
+                    types::Fd(st.sock.as_raw_fd()),
+                    b.as_ptr(),
+                    short_io::cap(b.len()) as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(Op::StreamSend, k));
                 st.send_inflight = true;
                 st.inflight += 1;
                 self.push(&e);
@@ -2206,7 +2214,7 @@ impl Shard {
         let e = if cap >= 2 * buf {
             opcode::RecvMulti::new(fd, bgid).build()
         } else {
-            opcode::Recv::new(fd, std::ptr::null_mut(), cap.min(buf) as u32)
+            opcode::Recv::new(fd, std::ptr::null_mut(), short_io::cap(cap.min(buf)) as u32)
                 .buf_group(bgid)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
@@ -2272,7 +2280,11 @@ impl Shard {
         let mut failed = None;
         let st = self.streams.get(k).expect("checked above");
         let pipe = st.pipe.as_ref().expect("set above");
-        let r = sys::splice(st.sock.as_raw_fd(), pipe.write.as_raw_fd(), room);
+        let r = sys::splice(
+            st.sock.as_raw_fd(),
+            pipe.write.as_raw_fd(),
+            short_io::cap(room),
+        );
         trace!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, room, pipe_bytes = st.pipe_bytes, ?r, "splice in");
         match r {
             Ok(0) => eof = true,
