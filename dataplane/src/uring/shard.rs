@@ -909,6 +909,9 @@ impl Shard {
     fn session_read(&mut self, k: Key) {
         let now = clock::now();
         let mut budget = RX_BUDGET;
+        // A read that returned less than asked found the socket drained: process what came in,
+        // then stop without another (EAGAIN) read; the readiness poll reports new bytes.
+        let mut drained = false;
         loop {
             let Some(s) = self.sessions.get(k) else {
                 return;
@@ -1025,6 +1028,10 @@ impl Shard {
             let Some(s) = self.sessions.get(k) else {
                 return;
             };
+            if drained && s.rx_splice.is_none() {
+                s.rx_ready = false;
+                return;
+            }
             let want = match s.core.peek_data(&s.input) {
                 // The rest of a DATA frame that is being copied: exactly that, so the next
                 // frame starts a fresh read.
@@ -1046,6 +1053,7 @@ impl Shard {
                 // SAFETY: the kernel initialised `n` more bytes.
                 unsafe { s.input.set_len(len) };
                 budget = budget.saturating_sub(n as usize);
+                drained = (n as usize) < want;
             } else if n == 0 {
                 let why = if s.input.is_empty() {
                     "the peer closed the connection".to_string()
@@ -2316,15 +2324,9 @@ impl Shard {
             let st = self.streams.get(k).expect("checked above");
             if st.read_eof {
                 self.dirty_streams.push(k);
-            } else if !st.poll_armed {
+            } else {
                 // Wait for the socket to become readable again.
-                st.poll_armed = true;
-                st.inflight += 1;
-                let e = opcode::PollAdd::new(types::Fd(st.sock.as_raw_fd()), libc::POLLIN as u32)
-                    .multi(true)
-                    .build()
-                    .user_data(user_data(Op::StreamPollIn, k));
-                self.push(&e);
+                self.arm_pollin(k);
             }
         }
     }
@@ -2343,6 +2345,23 @@ impl Shard {
             s.splice_ready.push_back(k);
         }
         self.dirty_sessions.push(sk);
+    }
+
+    /// Arms the multishot readiness poll on a spliced stream's local socket (once).
+    fn arm_pollin(&mut self, k: Key) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.poll_armed || st.read_eof || st.closing.is_some() {
+            return;
+        }
+        st.poll_armed = true;
+        st.inflight += 1;
+        let e = opcode::PollAdd::new(types::Fd(st.sock.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(Op::StreamPollIn, k));
+        self.push(&e);
     }
 
     /// Returns an empty pipe to the pool (a pipe with bytes stays with its stream).
