@@ -132,6 +132,11 @@ class Warren(System):
                f"state_dir = \"{d}/state\"\n\n[server.clients.perf]\ntoken = \"{TOKEN}\"\n"]
         cli = [f"[client]\nserver_addr = \"127.0.0.1:{base_port}\"\nname = \"perf\"\ntoken = \"{TOKEN}\"\n"
                f"transport = \"{self.transport}\"\n@FP@\n"]
+        # Experiment hook: WARREN_PERF_CLIENT_CORES="1,0" pins the client's shards to other
+        # cores than the server's (on one host a session's two ends otherwise share a core).
+        cores = os.environ.get("WARREN_PERF_CLIENT_CORES")
+        if cores:
+            cli.append(f"[client.tuning]\ncores = [{cores}]\n")
         for k in BACKENDS:
             srv.append(f"[server.services.{k}]\nbind_addr = \"127.0.0.1:{self.public[k]}\"\n")
             cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")
