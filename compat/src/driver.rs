@@ -20,10 +20,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
-use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
+use warren_proto::session::{Event, Readable, Role, Session};
 
 use crate::clock::now;
-use crate::shard::{LocalService, SessionEnd, SessionHandoff, SessionRole, Shard};
+use crate::shard::{LocalService, Published, SessionEnd, SessionHandoff, SessionRole, Shard};
 use crate::short_io::ShortIo;
 use crate::transport::{ReadOutcome, SessionIo};
 
@@ -188,37 +188,6 @@ pub(crate) fn spawn_session(shard: Rc<Shard>, h: SessionHandoff) {
     });
 }
 
-/// Publishes counter deltas from one session into the shard's atomics.
-struct Published(SessionStats);
-
-impl Published {
-    fn update(&mut self, shard: &Shard, now: SessionStats) {
-        let s = &shard.stats;
-        let d = |a: u64, b: u64| a.wrapping_sub(b);
-        s.bytes_sent.fetch_add(
-            d(now.data_bytes_sent, self.0.data_bytes_sent),
-            Ordering::Relaxed,
-        );
-        s.bytes_received.fetch_add(
-            d(now.data_bytes_received, self.0.data_bytes_received),
-            Ordering::Relaxed,
-        );
-        s.recv_buffered.fetch_add(
-            d(now.recv_buffered, self.0.recv_buffered),
-            Ordering::Relaxed,
-        );
-        s.recv_windows
-            .fetch_add(d(now.recv_windows, self.0.recv_windows), Ordering::Relaxed);
-        s.streams.fetch_add(
-            d(now.streams as u64, self.0.streams as u64),
-            Ordering::Relaxed,
-        );
-        s.max_stream_recv_buffered
-            .fetch_max(u64::from(now.max_stream_recv_buffered), Ordering::Relaxed);
-        self.0 = now;
-    }
-}
-
 enum Wake {
     Readable,
     Writable,
@@ -233,7 +202,7 @@ async fn run_session(
     mut input: BytesMut,
 ) -> Result<(), String> {
     let mut out = Vec::with_capacity(TRANSMIT_CHUNK + 64 * 1024);
-    let mut published = Published(SessionStats::default());
+    let mut published = Published::default();
     let result = loop {
         let (closed, drained, deadline) = {
             let mut core = handle.core.borrow_mut();
@@ -250,7 +219,7 @@ async fn run_session(
                 }
                 dispatch(shard, handle, &mut core);
             }
-            published.update(shard, core.session.stats());
+            published.update(&shard.stats, core.session.stats());
             (
                 core.session.error().cloned(),
                 core.session.is_drained(),
@@ -331,7 +300,7 @@ async fn run_session(
         core.session.handle_connection_lost("session closed");
     }
     dispatch(shard, handle, &mut core);
-    published.update(shard, core.session.stats());
+    published.update(&shard.stats, core.session.stats());
     result
 }
 

@@ -18,6 +18,6 @@ mod short_io;
 pub mod transport;
 
 pub use shard::{
-    LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
+    LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
     ShardSetConfig, ShardStats, Shards,
 };

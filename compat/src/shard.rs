@@ -14,7 +14,7 @@ use crossbeam_queue::ArrayQueue;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
-use warren_proto::session::SessionConfig;
+use warren_proto::session::{SessionConfig, SessionStats};
 
 use crate::driver;
 use crate::transport::SessionParts;
@@ -119,6 +119,53 @@ pub struct ShardStats {
     pub visitors_accepted: AtomicU64,
     /// Visitors closed because no session offered their service.
     pub visitors_unrouted: AtomicU64,
+}
+
+/// What one session last published into its shard's [`ShardStats`]: the driver hands it each
+/// new `Session::stats()` and the atomics move by the difference. Both data planes use it.
+#[derive(Debug, Default)]
+pub struct Published(SessionStats);
+
+impl Published {
+    /// Moves the shard's counters by what changed since the last call.
+    pub fn update(&mut self, stats: &ShardStats, now: SessionStats) {
+        let d = |a: u64, b: u64| a.wrapping_sub(b);
+        let p = &self.0;
+        stats
+            .bytes_sent
+            .fetch_add(d(now.data_bytes_sent, p.data_bytes_sent), Ordering::Relaxed);
+        stats.bytes_received.fetch_add(
+            d(now.data_bytes_received, p.data_bytes_received),
+            Ordering::Relaxed,
+        );
+        stats
+            .recv_buffered
+            .fetch_add(d(now.recv_buffered, p.recv_buffered), Ordering::Relaxed);
+        stats
+            .recv_windows
+            .fetch_add(d(now.recv_windows, p.recv_windows), Ordering::Relaxed);
+        stats
+            .streams
+            .fetch_add(d(now.streams as u64, p.streams as u64), Ordering::Relaxed);
+        stats
+            .max_stream_recv_buffered
+            .fetch_max(u64::from(now.max_stream_recv_buffered), Ordering::Relaxed);
+        self.0 = now;
+    }
+
+    /// The session is gone: publishes its last byte counts and takes its share out of the
+    /// level counters (streams, buffered bytes, windows).
+    pub fn retire(mut self, stats: &ShardStats, now: SessionStats) {
+        self.update(stats, now);
+        let p = &self.0;
+        stats.streams.fetch_sub(p.streams as u64, Ordering::Relaxed);
+        stats
+            .recv_buffered
+            .fetch_sub(p.recv_buffered, Ordering::Relaxed);
+        stats
+            .recv_windows
+            .fetch_sub(p.recv_windows, Ordering::Relaxed);
+    }
 }
 
 /// Which shards have a session offering each service. Written by shards when sessions come and

@@ -70,6 +70,22 @@ impl Write for SockWriter<'_> {
     }
 }
 
+/// Decrypts what rustls has buffered and appends the plaintext to `plain`. Both data planes
+/// use it after handing rustls received records.
+pub fn process_into(tls: &mut TlsConn, plain: &mut BytesMut) -> io::Result<()> {
+    let state = tls
+        .process_new_packets()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let avail = state.plaintext_bytes_to_read();
+    if avail > 0 {
+        let start = plain.len();
+        plain.resize(start + avail, 0);
+        let n = tls.reader().read(&mut plain[start..])?;
+        plain.truncate(start + n);
+    }
+    Ok(())
+}
+
 impl SessionIo {
     /// Wraps a connected socket; `tls` is a fresh or in-progress rustls connection.
     pub fn new(sock: TcpStream, tls: Option<TlsConn>) -> SessionIo {
@@ -170,16 +186,7 @@ impl SessionIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
-            let state = tls
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let avail = state.plaintext_bytes_to_read();
-            if avail > 0 {
-                let start = plain.len();
-                plain.resize(start + avail, 0);
-                let n = tls.reader().read(&mut plain[start..])?;
-                plain.truncate(start + n);
-            }
+            process_into(tls, plain)?;
         }
         if eof {
             // A clean close_notify or a plain TCP close: either way nothing more will come.

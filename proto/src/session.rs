@@ -1279,6 +1279,130 @@ mod tests {
         assert_eq!(p.read_all(true, id), (b"hello".to_vec(), false));
     }
 
+    /// The splice send path: the driver writes the header the core returns, then the payload
+    /// itself; the peer decodes an ordinary DATA frame, and credit and order hold.
+    #[test]
+    fn externally_sent_payloads_are_ordinary_data_within_credit() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        // OPEN (and the PING) first, as the driver does before any spliced frame.
+        let mut out = Vec::new();
+        p.server.poll_transmit(&mut out, 1 << 20);
+        // More than the window is asked for: the core grants exactly the stream credit.
+        let (header, n) = p.server.stream_send_external(id, 10 * WINDOW).unwrap();
+        assert_eq!(n, params().max_frame_payload.min(WINDOW));
+        out.extend_from_slice(&header);
+        out.extend(std::iter::repeat_n(7u8, n as usize));
+        let mut buf = BytesMut::from(&out[..]);
+        p.client.handle_input(p.now, &mut buf).unwrap();
+        let (got, fin) = p.read_all(true, id);
+        assert_eq!((got.len(), fin), (n as usize, false));
+        assert!(got.iter().all(|b| *b == 7));
+        // Use up the rest of the window; then nothing more until the peer grants credit.
+        let mut sent = n;
+        while let Some((h, m)) = p.server.stream_send_external(id, WINDOW) {
+            let mut frame = h.to_vec();
+            frame.extend(std::iter::repeat_n(7u8, m as usize));
+            p.to_client.extend_from_slice(&frame);
+            sent += m;
+        }
+        assert_eq!(sent, WINDOW);
+        // A stream with bytes queued through stream_write cannot also send externally.
+        let other = p.server.open_stream("bulk", None).unwrap();
+        p.server
+            .stream_write(other, Bytes::from_static(b"queued"))
+            .unwrap();
+        assert!(p.server.stream_send_external(other, 1024).is_none());
+    }
+
+    /// The splice receive path: bytes the driver holds come before anything the core queues
+    /// later, FIN waits for them, and credit returns only as they are consumed.
+    #[test]
+    fn externally_received_payloads_keep_order_and_return_credit_on_consumption() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        Pair::events(&mut p.client);
+        // The server sends half a window through the external path, in two frames (16 KiB is
+        // the frame limit here); of the first only the header and 100 bytes are in the input.
+        let mut held = 0;
+        let mut credit_after_send = 0;
+        for first in [true, false] {
+            let (header, len) = p.server.stream_send_external(id, WINDOW).unwrap();
+            assert_eq!(len, params().max_frame_payload);
+            credit_after_send = p.server.stream_send_credit(id);
+            let mut input = BytesMut::from(&header[..]);
+            input.extend_from_slice(&[1u8; 100]);
+            assert_eq!(p.client.peek_data(&input), Some((id, len)));
+            assert!(p.client.stream_can_take_external(id, len));
+            assert!(!p.client.stream_can_take_external(id, WINDOW + 1));
+            let (got_id, got_len, head) = p.client.take_external_data(p.now, &mut input).unwrap();
+            assert_eq!((got_id, got_len, head.len()), (id, len, 100));
+            assert!(input.is_empty());
+            held += len;
+            assert_eq!(
+                p.client.stats().recv_buffered,
+                u64::from(held),
+                "first: {first}"
+            );
+        }
+        let len = held;
+        assert_eq!(len, WINDOW / 2);
+        // A later frame and the FIN are queued in the core; they wait behind the held bytes.
+        p.server
+            .stream_write(id, Bytes::from_static(b"after"))
+            .unwrap();
+        p.server.stream_finish(id).unwrap();
+        p.drive();
+        Pair::events(&mut p.client);
+        assert_eq!(
+            p.client.stream_read(p.now, id, usize::MAX),
+            Readable::Pending
+        );
+        assert!(
+            !p.client.stream_can_take_external(id, 1),
+            "the core holds bytes now"
+        );
+        // Received is not consumed: no credit back yet.
+        assert_eq!(p.server.stream_send_credit(id), credit_after_send - 5);
+        p.client.stream_consumed_external(p.now, id, len - 1);
+        assert_eq!(
+            p.client.stream_read(p.now, id, usize::MAX),
+            Readable::Pending
+        );
+        p.client.stream_consumed_external(p.now, id, 1);
+        assert!(Pair::events(&mut p.client).contains(&Event::StreamReadable(id)));
+        assert_eq!(p.read_all(true, id), (b"after".to_vec(), true));
+        assert_eq!(p.client.stats().recv_buffered, 0);
+    }
+
+    /// Externally held bytes return credit when the driver reports them consumed, exactly as
+    /// `stream_read` does for queued bytes.
+    #[test]
+    fn externally_received_bytes_return_credit_when_consumed() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        let mut held = 0;
+        while held < WINDOW / 2 {
+            let (header, len) = p.server.stream_send_external(id, WINDOW).unwrap();
+            let mut input = BytesMut::from(&header[..]);
+            p.client.take_external_data(p.now, &mut input).unwrap();
+            held += len;
+        }
+        let credit = p.server.stream_send_credit(id);
+        p.client.stream_consumed_external(p.now, id, held - 1);
+        p.drive();
+        assert_eq!(
+            p.server.stream_send_credit(id),
+            credit,
+            "no grant before half a window"
+        );
+        p.client.stream_consumed_external(p.now, id, 1);
+        p.drive();
+        assert!(p.server.stream_send_credit(id) >= credit + u64::from(held));
+    }
+
     #[test]
     fn half_close_both_ways_then_the_stream_is_freed() {
         let mut p = Pair::new();

@@ -11,7 +11,7 @@
 //! out of it and reports what the sockets did.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,12 +23,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, warn};
 use warren_compat::{
-    LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand, ShardStats,
+    LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
+    ShardStats,
 };
 use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
-use warren_proto::session::{Event, Readable, Role, Session, SessionStats};
+use warren_proto::session::{Event, Readable, Role, Session};
 
 use super::bufring::BufRing;
 use super::clock;
@@ -53,6 +54,8 @@ const RX_SPLICE_MIN: usize = 16 * 1024;
 const RX_READ: usize = 16 * 1024;
 /// Bytes a session reads or splices per turn before letting the rest of the shard run.
 const RX_BUDGET: usize = 4 * 1024 * 1024;
+/// How often `WARREN_DUMP_SHARDS` logs every slot's state.
+const DUMP_EVERY: Duration = Duration::from_secs(2);
 /// Rounds of "serve what changed" per loop turn before waiting on the ring again.
 const SERVE_ROUNDS: usize = 8;
 
@@ -389,7 +392,7 @@ struct SessionSlot {
     ending: Option<(Option<String>, Instant)>,
     /// Nothing more may be written (the socket failed).
     write_failed: bool,
-    published: SessionStats,
+    published: Published,
     /// Whether the socket can carry spliced payloads (plain TCP).
     can_splice: bool,
     /// Receive by readiness + reads + splice (plain TCP with pipes) instead of multishot recv.
@@ -398,6 +401,36 @@ struct SessionSlot {
     rx_ready: bool,
     /// A received payload being spliced from the socket into a stream's pipe.
     rx_splice: Option<RxSplice>,
+}
+
+impl SessionSlot {
+    /// Appends what the core has to send to `out`: frames as they are (plain TCP) or as TLS
+    /// records, with close_notify after the last frame of a clean end.
+    fn produce(&mut self) {
+        let Some(tls) = self.tls.as_mut() else {
+            self.core.poll_transmit(&mut self.out, TRANSMIT_CHUNK);
+            return;
+        };
+        self.plain.clear();
+        self.core.poll_transmit(&mut self.plain, TRANSMIT_CHUNK);
+        if !self.plain.is_empty() {
+            if let Err(e) = tls.writer().write_all(&self.plain) {
+                self.core.handle_connection_lost(&format!("TLS: {e}"));
+            }
+        }
+        let clean_end = self.ending.as_ref().is_some_and(|e| e.0.is_none());
+        if clean_end && !self.core.has_transmit() {
+            tls.send_close_notify();
+        }
+        while tls.wants_write() {
+            if tls.write_tls(&mut self.out).is_err() {
+                break;
+            }
+        }
+        if self.plain.capacity() > 4 * TRANSMIT_CHUNK {
+            self.plain = Vec::new();
+        }
+    }
 }
 
 /// A DATA payload on its way from the session socket into a stream's receive pipe.
@@ -490,8 +523,8 @@ struct Shard {
     dirty_streams: Vec<Key>,
     starved: Vec<Key>,
     listeners_need_arm: Vec<Key>,
-    /// Diagnostics: dump state every 2 s (`WARREN_DUMP_SHARDS`).
-    dump_every: Option<((), Instant)>,
+    /// Diagnostics: when the last state dump was logged (`WARREN_DUMP_SHARDS` set), else None.
+    last_dump: Option<Instant>,
 }
 
 impl Shard {
@@ -526,7 +559,7 @@ impl Shard {
             dirty_streams: Vec::new(),
             starved: Vec::new(),
             listeners_need_arm: Vec::new(),
-            dump_every: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| ((), clock::now())),
+            last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
         })
     }
 
@@ -830,7 +863,7 @@ impl Shard {
             inflight: 0,
             ending: None,
             write_failed: false,
-            published: SessionStats::default(),
+            published: Published::default(),
             can_splice,
             rx_splice_mode: can_splice,
             rx_ready: true,
@@ -962,7 +995,6 @@ impl Shard {
                         Err(e) => Err(e),
                     }
                 };
-                trace!(side = self.cfg.shards.name, left, ?r, "session splice");
                 let s = self.sessions.get(k).expect("checked above");
                 match r {
                     Ok(0) => {
@@ -1047,7 +1079,6 @@ impl Shard {
             // SAFETY: reads into the spare capacity of `input`, then sets the length to what
             // the kernel wrote.
             let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
-            trace!(side = self.cfg.shards.name, want, n, "session read");
             if n > 0 {
                 let len = s.input.len() + n as usize;
                 // SAFETY: the kernel initialised `n` more bytes.
@@ -1115,7 +1146,7 @@ impl Shard {
         let Some(s) = self.sessions.get(k) else {
             return;
         };
-        let (id, len, head) = match s.core.take_external_data(now, &mut s.input) {
+        let (_, len, head) = match s.core.take_external_data(now, &mut s.input) {
             Ok(x) => x,
             Err(e) => {
                 s.core.handle_connection_lost(&e.to_string());
@@ -1133,7 +1164,6 @@ impl Shard {
         let Some(st) = self.streams.get(sk) else {
             return;
         };
-        trace!(side = self.cfg.shards.name, %id, len, head = head.len(), "receive splice");
         if !head.is_empty() {
             // The bytes that came with the header go into the pipe first, by copy.
             let pipe = st.rx_pipe.as_ref().expect("rx_pipe_ready gave it one");
@@ -1167,13 +1197,17 @@ impl Shard {
         self.dirty_streams.push(sk);
     }
 
+    /// The ring buffer a receive completion filled, if it carried data.
+    fn take_buffer(&mut self, res: i32, flags: u32) -> Option<Bytes> {
+        if res <= 0 {
+            return None;
+        }
+        cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
+    }
+
     fn on_session_recv(&mut self, k: Key, res: i32, flags: u32) {
         let more = cqueue::more(flags);
-        let data = if res > 0 {
-            cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
-        } else {
-            None
-        };
+        let data = self.take_buffer(res, flags);
         let Some(s) = self.sessions.get(k) else {
             return;
         };
@@ -1295,32 +1329,7 @@ impl Shard {
             if s.out.capacity() > 4 * TRANSMIT_CHUNK {
                 s.out = Vec::with_capacity(TRANSMIT_CHUNK + 64 * 1024);
             }
-            match s.tls.as_mut() {
-                None => s.core.poll_transmit(&mut s.out, TRANSMIT_CHUNK),
-                Some(tls) => {
-                    s.plain.clear();
-                    s.core.poll_transmit(&mut s.plain, TRANSMIT_CHUNK);
-                    if !s.plain.is_empty() {
-                        if let Err(e) = tls.writer().write_all(&s.plain) {
-                            s.core.handle_connection_lost(&format!("TLS: {e}"));
-                        }
-                    }
-                    if s.ending.is_some() && !s.core.has_transmit() {
-                        // Closing: close_notify after the last frame.
-                        if s.ending.as_ref().is_some_and(|e| e.0.is_none()) {
-                            tls.send_close_notify();
-                        }
-                    }
-                    while tls.wants_write() {
-                        if tls.write_tls(&mut s.out).is_err() {
-                            break;
-                        }
-                    }
-                    if s.plain.capacity() > 4 * TRANSMIT_CHUNK {
-                        s.plain = Vec::new();
-                    }
-                }
-            }
+            s.produce();
             // 4. A spliced stream's turn, when there is room in this send.
             if s.can_splice && s.out.len() < TRANSMIT_CHUNK && s.ending.is_none() {
                 self.start_splice_frame(k);
@@ -1399,7 +1408,6 @@ impl Shard {
             };
             match s.core.stream_send_external(id, avail) {
                 Some((header, n)) => {
-                    trace!(side = self.cfg.shards.name, %id, n, "spliced frame");
                     s.out.extend_from_slice(&header);
                     s.splice = Some(SpliceOut {
                         stream: sk,
@@ -1409,7 +1417,6 @@ impl Shard {
                     return;
                 }
                 None => {
-                    trace!(side = self.cfg.shards.name, %id, avail, "spliced frame: no credit");
                     // No credit: the stream is served again on StreamWritable.
                     self.dirty_streams.push(sk);
                 }
@@ -1469,7 +1476,6 @@ impl Shard {
             }
         }
         let pipe_empty = st.pipe_bytes == 0;
-        trace!(side = self.cfg.shards.name, stream = %st.id, left, pipe_bytes = st.pipe_bytes, ?error, wait = matches!(result, SpliceStep::Wait), "splice out");
         let s = self.sessions.get(k).expect("checked above");
         if let Some(why) = error {
             s.write_failed = true;
@@ -1554,32 +1560,9 @@ impl Shard {
 
     fn publish(&mut self, k: Key) {
         let stats = self.stats.clone();
-        let Some(s) = self.sessions.get(k) else {
-            return;
-        };
-        let now = s.core.stats();
-        let d = |a: u64, b: u64| a.wrapping_sub(b);
-        let p = &s.published;
-        stats
-            .bytes_sent
-            .fetch_add(d(now.data_bytes_sent, p.data_bytes_sent), Ordering::Relaxed);
-        stats.bytes_received.fetch_add(
-            d(now.data_bytes_received, p.data_bytes_received),
-            Ordering::Relaxed,
-        );
-        stats
-            .recv_buffered
-            .fetch_add(d(now.recv_buffered, p.recv_buffered), Ordering::Relaxed);
-        stats
-            .recv_windows
-            .fetch_add(d(now.recv_windows, p.recv_windows), Ordering::Relaxed);
-        stats
-            .streams
-            .fetch_add(d(now.streams as u64, p.streams as u64), Ordering::Relaxed);
-        stats
-            .max_stream_recv_buffered
-            .fetch_max(u64::from(now.max_stream_recv_buffered), Ordering::Relaxed);
-        s.published = now;
+        if let Some(s) = self.sessions.get(k) {
+            s.published.update(&stats, s.core.stats());
+        }
     }
 
     fn check_session_end(&mut self, k: Key) {
@@ -1607,22 +1590,7 @@ impl Shard {
             if !s.write_failed && !s.send_inflight && !s.poll_inflight && s.splice.is_none() {
                 s.out.drain(..s.out_sent);
                 s.out_sent = 0;
-                match s.tls.as_mut() {
-                    None => s.core.poll_transmit(&mut s.out, TRANSMIT_CHUNK),
-                    Some(tls) => {
-                        s.plain.clear();
-                        s.core.poll_transmit(&mut s.plain, TRANSMIT_CHUNK);
-                        let _ = tls.writer().write_all(&s.plain);
-                        if s.ending.as_ref().is_some_and(|e| e.0.is_none()) {
-                            tls.send_close_notify();
-                        }
-                        while tls.wants_write() {
-                            if tls.write_tls(&mut s.out).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
+                s.produce();
             }
             if s.recv_armed {
                 let op = if s.rx_splice_mode {
@@ -1704,29 +1672,8 @@ impl Shard {
                 self.board.remove(svc, self.index);
             }
         }
-        let stats = self.stats.clone();
-        let now_stats = s.core.stats();
-        let d = |a: u64, b: u64| a.wrapping_sub(b);
-        stats
-            .streams
-            .fetch_sub(s.published.streams as u64, Ordering::Relaxed);
-        stats.bytes_sent.fetch_add(
-            d(now_stats.data_bytes_sent, s.published.data_bytes_sent),
-            Ordering::Relaxed,
-        );
-        stats.bytes_received.fetch_add(
-            d(
-                now_stats.data_bytes_received,
-                s.published.data_bytes_received,
-            ),
-            Ordering::Relaxed,
-        );
-        stats
-            .recv_buffered
-            .fetch_sub(s.published.recv_buffered, Ordering::Relaxed);
-        stats
-            .recv_windows
-            .fetch_sub(s.published.recv_windows, Ordering::Relaxed);
+        let final_stats = s.core.stats();
+        s.published.retire(&self.stats, final_stats);
         let peer_fault = s.core.error().is_some_and(|e| e.is_peer_fault());
         let role = s.core.config().role;
         let side = match (peer_fault, role) {
@@ -1909,11 +1856,7 @@ impl Shard {
 
     fn on_stream_recv(&mut self, k: Key, res: i32, flags: u32) {
         let more = cqueue::more(flags);
-        let data = if res > 0 {
-            cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
-        } else {
-            None
-        };
+        let data = self.take_buffer(res, flags);
         let Some(st) = self.streams.get(k) else {
             return;
         };
@@ -2036,7 +1979,6 @@ impl Shard {
         // Session -> local socket.
         let st = self.streams.get(k).expect("checked above");
         let rx_busy = st.send_inflight || st.sending.is_some() || st.pollout_armed || st.write_done;
-        trace!(side = self.cfg.shards.name, %id, rx_busy, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), sending = st.sending.is_some(), inflight = st.send_inflight, pollout = st.pollout_armed, "serve stream (to local)");
         if !rx_busy && st.rx_pipe_bytes > 0 {
             // Spliced payload first: pipe -> local socket.
             let pipe = st.rx_pipe.as_ref().expect("bytes imply a pipe");
@@ -2127,7 +2069,6 @@ impl Shard {
             let s = self.sessions.get(sk).expect("checked above");
             let mut cap = s.core.stream_send_capacity(id);
             let st = self.streams.get(k).expect("checked above");
-            trace!(side = self.cfg.shards.name, %id, cap, held = st.held_bytes, eof = st.read_eof, armed = st.recv_armed, "serve stream");
             while cap > 0 {
                 let Some(mut b) = st.held.pop_front() else {
                     break;
@@ -2293,7 +2234,6 @@ impl Shard {
             pipe.write.as_raw_fd(),
             short_io::cap(room),
         );
-        trace!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, room, pipe_bytes = st.pipe_bytes, ?r, "splice in");
         match r {
             Ok(0) => eof = true,
             Ok(n) => st.pipe_bytes += n,
@@ -2467,15 +2407,6 @@ impl Shard {
         let Some((op, k)) = decode(ud) else {
             return;
         };
-        trace!(
-            side = self.cfg.shards.name,
-            shard = self.index,
-            ?op,
-            index = k.index,
-            res,
-            more = cqueue::more(flags),
-            "completion"
-        );
         match op {
             Op::Mailbox => {
                 self.mailbox_armed = false;
@@ -2565,8 +2496,8 @@ impl Shard {
         if !self.dirty_sessions.is_empty() || !self.dirty_streams.is_empty() {
             return Some(clock::now());
         }
-        if let Some((_, last)) = self.dump_every {
-            let d = last + Duration::from_secs(2);
+        if let Some(last) = self.last_dump {
+            let d = last + DUMP_EVERY;
             next = Some(next.map_or(d, |n| n.min(d)));
         }
         next
@@ -2590,13 +2521,11 @@ impl Shard {
     fn fire_timers(&mut self) {
         let now = clock::now();
         if self
-            .dump_every
-            .is_some_and(|(_, last)| now.duration_since(last) > Duration::from_secs(2))
+            .last_dump
+            .is_some_and(|last| now.duration_since(last) > DUMP_EVERY)
         {
             self.dump_state();
-            if let Some(d) = self.dump_every.as_mut() {
-                d.1 = now;
-            }
+            self.last_dump = Some(now);
         }
         for k in self.sessions.keys() {
             if let Some(s) = self.sessions.get(k) {
@@ -2696,16 +2625,7 @@ fn feed_tls(tls: &mut rustls::Connection, mut data: &[u8], plain: &mut BytesMut)
         if n == 0 {
             break;
         }
-        let state = tls
-            .process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let avail = state.plaintext_bytes_to_read();
-        if avail > 0 {
-            let start = plain.len();
-            plain.resize(start + avail, 0);
-            let n = tls.reader().read(&mut plain[start..])?;
-            plain.truncate(start + n);
-        }
+        warren_compat::transport::process_into(tls, plain)?;
     }
     Ok(())
 }
