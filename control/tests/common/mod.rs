@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use warren::backend::Backend;
 
@@ -600,9 +600,14 @@ where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
+    // A deep accept queue: the 1000-visitor test dials the service 1000 times at once, and with
+    // tokio's default backlog (1024) plus SYN cookies the kernel reset some of those dials
+    // (TcpExtListenOverflows), which the tunnel then rightly reported as service resets.
+    let socket = tokio::net::TcpSocket::new_v4().expect("creating a local service socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
         .expect("binding a local service");
+    let listener = socket.listen(4096).expect("listening on a local service");
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
