@@ -93,6 +93,14 @@ pub async fn start(public_addr: SocketAddr) -> anyhow::Result<Demo> {
     if !client.wait_connected(1, Duration::from_secs(10)).await {
         bail!("the demo client did not connect to the demo server within 10 s");
     }
+    // The visitor may land on any server shard; a shard without a session hands it to one that
+    // has one, so one registered session is enough to serve the first fetch.
+    if !server
+        .wait_service_sessions("web", 1, Duration::from_secs(5))
+        .await
+    {
+        bail!("the demo server did not register the client's session within 5 s");
+    }
     let public_addr = *server
         .service_addrs
         .get("web")

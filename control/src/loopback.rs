@@ -110,14 +110,13 @@ impl Pair {
         }
         // The client counts a session once handed to its shard; the server registers it a
         // moment later on its own shard.
-        let first = spec.services.first().map(|(n, _)| *n);
-        for _ in 0..500 {
-            let ready =
-                first.is_none_or(|n| server.shards().board().sessions_for(n) as usize >= want);
-            if ready {
-                break;
+        if let Some((first, _)) = spec.services.first() {
+            if !server
+                .wait_service_sessions(first, want, Duration::from_secs(5))
+                .await
+            {
+                bail!("the loopback server did not register {want} session(s) within 5 s");
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(Pair { server, client })
     }

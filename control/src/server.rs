@@ -149,6 +149,22 @@ impl Server {
         self.shards.kind()
     }
 
+    /// Waits until at least `n` sessions offering `service` are registered on the shards (a
+    /// client counts a session once it hands it to its own shard; the server's shard registers
+    /// it a moment later). False if `limit` passes first.
+    pub async fn wait_service_sessions(&self, service: &str, n: usize, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            if self.shards.board().sessions_for(service) as usize >= n {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Graceful stop: no new sessions or visitors, GOAWAY on every session, wait for streams
     /// to finish (up to `drain_timeout_ms`), then stop the shards.
     pub async fn shutdown(self) {
