@@ -156,6 +156,31 @@ def proc_rss_kib(pid):
     return None
 
 
+def ephemeral_range():
+    """The kernel's ephemeral port range (outgoing connections take their local port from it)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = f.read().split()
+            return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def ports_free(host, first, count):
+    """True when every port in first..first+count-1 can be bound right now (with SO_REUSEADDR,
+    as the tunnels bind them; TIME_WAIT leftovers do not count as busy)."""
+    for p in range(first, first + count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, p))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
 def wait_port(host, port, timeout=15.0):
     end = time.time() + timeout
     while time.time() < end:
