@@ -254,6 +254,8 @@ struct Stream {
     fin_sent: bool,
     in_ready: bool,
     want_writable: bool,
+    /// Listed in `Session::blocked_on_session`: waiting for session-level credit.
+    session_blocked: bool,
     /// The driver has seen the FIN (or the stream was refused): the receive half is finished.
     recv_done: bool,
 }
@@ -278,6 +280,7 @@ impl Stream {
             fin_sent: false,
             in_ready: false,
             want_writable: false,
+            session_blocked: false,
             recv_done: false,
         }
     }
@@ -307,6 +310,10 @@ pub struct Session {
     goaway_received: bool,
     closed: Option<SessionError>,
     stats: SessionStats,
+    /// Streams that asked for external send credit while the session window was used up; each
+    /// gets `StreamWritable` when the peer grants session credit again. At most one entry per
+    /// stream (`Stream::session_blocked`).
+    blocked_on_session: Vec<StreamId>,
 }
 
 impl Session {
@@ -318,6 +325,7 @@ impl Session {
             Role::Client => 2,
         };
         let mut s = Session {
+            blocked_on_session: Vec::new(),
             send_session_credit: u64::from(cfg.peer.session_window),
             recv_session_credit: u64::from(cfg.local.session_window),
             cfg,
@@ -462,6 +470,14 @@ impl Session {
                             scope: "the session window (over 16 GiB granted)".into(),
                             sent: 0,
                         });
+                    }
+                    // Streams that found the session window used up may send again.
+                    let buffer = self.cfg.stream_send_buffer;
+                    for id in std::mem::take(&mut self.blocked_on_session) {
+                        if let Some(s) = self.streams.get_mut(&id) {
+                            s.session_blocked = false;
+                            signal_writable(&mut self.events, id, s, buffer);
+                        }
                     }
                     return Ok(());
                 }
@@ -892,6 +908,10 @@ impl Session {
             .min(max_frame);
         if n == 0 {
             s.want_writable = true;
+            if s.send_credit > 0 && !s.session_blocked {
+                s.session_blocked = true;
+                self.blocked_on_session.push(id);
+            }
             return None;
         }
         s.send_credit -= n;
@@ -901,12 +921,22 @@ impl Session {
     }
 
     /// Credit the peer currently grants this stream, within the session budget: what
-    /// [`Session::stream_send_external`] would grant at most.
-    pub fn stream_send_credit(&self, id: StreamId) -> u64 {
-        self.streams
-            .get(&id)
-            .map(|s| s.send_credit.min(self.send_session_credit))
-            .unwrap_or(0)
+    /// [`Session::stream_send_external`] would grant at most. When that is 0 the driver is told
+    /// by `StreamWritable` once credit returns (stream or session window).
+    pub fn stream_send_credit(&mut self, id: StreamId) -> u64 {
+        let session = self.send_session_credit;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return 0;
+        };
+        let credit = s.send_credit.min(session);
+        if credit == 0 && !s.fin_queued {
+            s.want_writable = true;
+            if s.send_credit > 0 && !s.session_blocked {
+                s.session_blocked = true;
+                self.blocked_on_session.push(id);
+            }
+        }
+        credit
     }
 
     /// Half-closes our direction after everything queued has been sent.
@@ -1114,6 +1144,9 @@ impl Session {
     fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
         let s = self.streams.remove(&id)?;
         self.stats.recv_windows -= u64::from(s.recv_window);
+        if s.session_blocked {
+            self.blocked_on_session.retain(|x| *x != id);
+        }
         Some(s)
     }
 
@@ -1374,6 +1407,48 @@ mod tests {
         assert!(Pair::events(&mut p.client).contains(&Event::StreamReadable(id)));
         assert_eq!(p.read_all(true, id), (b"after".to_vec(), true));
         assert_eq!(p.client.stats().recv_buffered, 0);
+    }
+
+    /// A spliced stream that finds the session window used up (its own window still open) is
+    /// told `StreamWritable` when the peer grants session credit again; before that fix it
+    /// waited forever, as nothing else wakes a stream that sends only external payloads.
+    #[test]
+    fn a_stream_waiting_for_session_credit_is_woken_when_it_returns() {
+        let mut p = Pair::new();
+        let ids: Vec<StreamId> = (0..17)
+            .map(|_| p.server.open_stream("bulk", None).unwrap())
+            .collect();
+        p.drive();
+        // Sixteen full stream windows use up the session window (16 x WINDOW).
+        for id in &ids[..16] {
+            while let Some((h, m)) = p.server.stream_send_external(*id, WINDOW) {
+                p.to_client.extend_from_slice(&h);
+                p.to_client.extend(std::iter::repeat_n(1u8, m as usize));
+            }
+        }
+        let last = ids[16];
+        assert_eq!(
+            p.server.stream_send_credit(last),
+            0,
+            "the session window is used up"
+        );
+        assert!(p.server.stream_send_external(last, WINDOW).is_none());
+        Pair::events(&mut p.server);
+        // The client takes and consumes everything; session credit flows back.
+        let now = p.now;
+        p.client.handle_input(now, &mut p.to_client).unwrap();
+        Pair::events(&mut p.client);
+        let mut total = 0;
+        for id in &ids[..16] {
+            total += p.read_all(true, *id).0.len();
+        }
+        assert_eq!(total, 16 * WINDOW as usize);
+        p.drive();
+        assert!(
+            Pair::events(&mut p.server).contains(&Event::StreamWritable(last)),
+            "the waiting stream is woken by the session WINDOW_UPDATE"
+        );
+        assert!(p.server.stream_send_external(last, WINDOW).is_some());
     }
 
     /// Externally held bytes return credit when the driver reports them consumed, exactly as

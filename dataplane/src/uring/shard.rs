@@ -52,6 +52,12 @@ const RX_SPLICE_MIN: usize = 16 * 1024;
 /// Bytes asked of the session socket per read in splice-receive mode: enough for many control
 /// frames and small payloads, small enough that a large payload is mostly spliced.
 const RX_READ: usize = 16 * 1024;
+/// Splice-receive turns in a row without a large payload before a session goes back to
+/// multishot recv.
+const RX_QUIET_SWITCH: u32 = 32;
+/// A spliced stream in its small-message phase reads up to this many bytes into memory per
+/// readiness: one `recv` instead of splice in, header send, splice out and a final EAGAIN.
+const SMALL_READ: usize = 16 * 1024;
 /// Bytes a session reads or splices per turn before letting the rest of the shard run.
 const RX_BUDGET: usize = 4 * 1024 * 1024;
 /// How often `WARREN_DUMP_SHARDS` logs every slot's state.
@@ -395,10 +401,22 @@ struct SessionSlot {
     published: Published,
     /// Whether the socket can carry spliced payloads (plain TCP).
     can_splice: bool,
-    /// Receive by readiness + reads + splice (plain TCP with pipes) instead of multishot recv.
+    /// Receive by readiness + reads + splice instead of multishot recv. Plain-TCP sessions
+    /// switch to it when a large DATA payload arrives and back after `RX_QUIET_SWITCH` reads
+    /// without one; small frames are cheaper through multishot recv (no syscall per read).
     rx_splice_mode: bool,
+    /// Leaving multishot recv for splice mode: the cancel is on its way; the switch happens at
+    /// the recv's last completion, so no byte is read by both.
+    rx_switching: bool,
+    /// Splice-mode reads in a row that found the socket drained without splicing anything.
+    rx_quiet: u32,
+    /// The receive-side operation armed while `recv_armed` (what a cancel must target).
+    rx_op: Op,
     /// The socket may have bytes (a readiness completion arrived and we have not seen EAGAIN).
     rx_ready: bool,
+    /// The readiness poll reported the peer's FIN or a hang-up: short reads no longer prove
+    /// the socket drained; read until EOF.
+    rx_hup: bool,
     /// A received payload being spliced from the socket into a stream's pipe.
     rx_splice: Option<RxSplice>,
 }
@@ -485,6 +503,24 @@ struct StreamSlot {
     pipe: Option<Pipe>,
     pipe_bytes: usize,
     splice_mode: bool,
+    /// The stream may splice (plain-TCP session, pipes configured). It starts copying through
+    /// multishot recv and switches to splice mode when a receive fills a whole buffer.
+    splice_ok: bool,
+    /// Switching to splice mode: the multishot recv is being cancelled; the switch happens at
+    /// its last completion, so no byte is read by both.
+    to_splice: bool,
+    /// Splice mode, small-message phase: each readiness first reads up to `SMALL_READ` bytes
+    /// into memory; only a read that fills them switches the stream to splicing (bulk phase),
+    /// and a splice into an empty pipe that moves less than `SMALL_READ` switches it back.
+    small_reads: bool,
+    /// Splice mode: the local socket may have bytes (set by each readiness completion, cleared
+    /// when a read finds it drained), so a stream served for the other direction does not pay
+    /// for an EAGAIN read.
+    readable: bool,
+    /// The readiness poll reported the peer's FIN (POLLRDHUP) or a hang-up: a short read no
+    /// longer proves the socket drained (the FIN may wait behind the data), so reads go on
+    /// until they return 0 or fail.
+    hup_seen: bool,
     in_splice_ready: bool,
     /// Set when the stream is being torn down: reset (abortive close) or clean.
     closing: Option<bool>,
@@ -865,8 +901,12 @@ impl Shard {
             write_failed: false,
             published: Published::default(),
             can_splice,
-            rx_splice_mode: can_splice,
+            rx_splice_mode: false,
+            rx_switching: false,
+            rx_quiet: 0,
+            rx_op: Op::SessionRecv,
             rx_ready: true,
+            rx_hup: false,
             rx_splice: None,
         };
         if let SessionRole::Server { services } = &slot.role {
@@ -897,9 +937,14 @@ impl Shard {
         }
         s.recv_armed = true;
         s.inflight += 1;
+        s.rx_op = if s.rx_splice_mode {
+            Op::SessionPollIn
+        } else {
+            Op::SessionRecv
+        };
         let fd = s.sock.as_raw_fd();
         let e = if s.rx_splice_mode {
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
                 .multi(true)
                 .build()
                 .user_data(user_data(Op::SessionPollIn, k))
@@ -930,9 +975,13 @@ impl Shard {
             ));
         } else {
             s.rx_ready = true;
+            if res > 0 && (res as i16 & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR)) != 0 {
+                s.rx_hup = true;
+            }
         }
         self.dirty_sessions.push(k);
-        if !cqueue::more(flags) && res >= 0 {
+        // Re-arm when the poll ended on its own, or was cancelled to go back to multishot recv.
+        if !cqueue::more(flags) && (res >= 0 || res == -libc::ECANCELED) {
             self.arm_session_recv(k);
         }
     }
@@ -945,6 +994,8 @@ impl Shard {
         // A read that returned less than asked found the socket drained: process what came in,
         // then stop without another (EAGAIN) read; the readiness poll reports new bytes.
         let mut drained = false;
+        // Whether this turn moved a large payload (spliced or being spliced).
+        let mut active = false;
         loop {
             let Some(s) = self.sessions.get(k) else {
                 return;
@@ -1004,6 +1055,7 @@ impl Shard {
                         return;
                     }
                     Ok(n) => {
+                        active = true;
                         budget = budget.saturating_sub(n);
                         let rx = s.rx_splice.as_mut().expect("checked above");
                         rx.left -= n;
@@ -1049,6 +1101,7 @@ impl Shard {
                     if rest >= RX_SPLICE_MIN && s.core.stream_can_take_external(id, len) {
                         if let Some(sk) = s.streams.get(&id).copied() {
                             if self.rx_pipe_ready(sk, len as usize) {
+                                active = true;
                                 self.start_rx_splice(k, sk, now);
                                 continue;
                             }
@@ -1062,6 +1115,7 @@ impl Shard {
             };
             if drained && s.rx_splice.is_none() {
                 s.rx_ready = false;
+                self.rx_quiet_tick(k, active);
                 return;
             }
             let want = match s.core.peek_data(&s.input) {
@@ -1084,7 +1138,8 @@ impl Shard {
                 // SAFETY: the kernel initialised `n` more bytes.
                 unsafe { s.input.set_len(len) };
                 budget = budget.saturating_sub(n as usize);
-                drained = (n as usize) < want;
+                // (Unless the peer's FIN was reported: it may wait behind these bytes.)
+                drained = (n as usize) < want && !s.rx_hup;
             } else if n == 0 {
                 let why = if s.input.is_empty() {
                     "the peer closed the connection".to_string()
@@ -1101,6 +1156,7 @@ impl Shard {
                 match e.kind() {
                     io::ErrorKind::WouldBlock => {
                         s.rx_ready = false;
+                        self.rx_quiet_tick(k, active);
                         return;
                     }
                     io::ErrorKind::Interrupted => {}
@@ -1111,6 +1167,33 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// Splice-receive mode found the socket drained. After `RX_QUIET_SWITCH` such turns in a row
+    /// without a large payload, the session goes back to multishot recv (cheaper for small
+    /// frames: no read syscall); the poll is cancelled and its last completion arms the recv.
+    fn rx_quiet_tick(&mut self, k: Key, active: bool) {
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        if active {
+            s.rx_quiet = 0;
+            return;
+        }
+        s.rx_quiet += 1;
+        if s.rx_quiet < RX_QUIET_SWITCH || s.rx_splice.is_some() || s.ending.is_some() {
+            return;
+        }
+        s.rx_quiet = 0;
+        s.rx_splice_mode = false;
+        if !s.recv_armed {
+            self.arm_session_recv(k);
+        } else if s.rx_op == Op::SessionPollIn {
+            let e = opcode::AsyncCancel::new(user_data(Op::SessionPollIn, k))
+                .build()
+                .user_data(user_data(Op::Cancel, k));
+            self.push(&e);
         }
     }
 
@@ -1207,6 +1290,7 @@ impl Shard {
 
     fn on_session_recv(&mut self, k: Key, res: i32, flags: u32) {
         let more = cqueue::more(flags);
+        let mut cancel_recv = false;
         let data = self.take_buffer(res, flags);
         let Some(s) = self.sessions.get(k) else {
             return;
@@ -1233,6 +1317,18 @@ impl Shard {
                     .handle_connection_lost(&format!("TLS error from the peer: {e}"));
             } else if !s.input.is_empty() {
                 let _ = s.core.handle_input(now, &mut s.input);
+                // A large payload still mostly in the socket: splice it (and what follows)
+                // instead of copying. Stop the multishot recv first.
+                if s.can_splice && !s.rx_switching && s.tls.is_none() && !s.core.is_closed() {
+                    if let Some((id, len)) = s.core.peek_data(&s.input) {
+                        let have = s.input.len() - warren_proto::frame::HEADER_LEN;
+                        let rest = (len as usize).saturating_sub(have);
+                        if rest >= RX_SPLICE_MIN && s.core.stream_can_take_external(id, len) {
+                            s.rx_switching = true;
+                            cancel_recv = more;
+                        }
+                    }
+                }
             }
         } else if res == 0 {
             let why = if s.input.is_empty() {
@@ -1245,14 +1341,38 @@ impl Shard {
             };
             s.core.handle_connection_lost(&why);
         } else if res == -libc::ENOBUFS {
-            // The shard ran out of receive buffers; re-armed once some come back.
-            self.starved.push(k);
+            // The shard ran out of receive buffers; re-armed once some come back (or now, in
+            // splice mode, which needs none).
+            if !s.rx_switching {
+                self.starved.push(k);
+            }
         } else if res < 0 && res != -libc::ECANCELED {
             let e = io::Error::from_raw_os_error(-res);
             s.core
                 .handle_connection_lost(&format!("reading the session socket: {e}"));
         }
         self.dirty_sessions.push(k);
+        if cancel_recv {
+            let e = opcode::AsyncCancel::new(user_data(Op::SessionRecv, k))
+                .build()
+                .user_data(user_data(Op::Cancel, k));
+            self.push(&e);
+        }
+        let Some(s) = self.sessions.get(k) else {
+            return;
+        };
+        if !more && s.rx_switching {
+            // The multishot recv is over: from here the socket is read by readiness + reads.
+            s.rx_switching = false;
+            if !s.core.is_closed() && (res >= 0 || res == -libc::ECANCELED || res == -libc::ENOBUFS)
+            {
+                s.rx_splice_mode = true;
+                s.rx_ready = true;
+                s.rx_quiet = 0;
+                self.arm_session_recv(k);
+            }
+            return;
+        }
         if !more && res != -libc::ENOBUFS && res > 0 {
             // Multishot ended for another reason (e.g. the kernel's retry cap): re-arm.
             self.arm_session_recv(k);
@@ -1593,12 +1713,7 @@ impl Shard {
                 s.produce();
             }
             if s.recv_armed {
-                let op = if s.rx_splice_mode {
-                    Op::SessionPollIn
-                } else {
-                    Op::SessionRecv
-                };
-                let e = opcode::AsyncCancel::new(user_data(op, k))
+                let e = opcode::AsyncCancel::new(user_data(s.rx_op, k))
                     .build()
                     .user_data(user_data(Op::Cancel, k));
                 self.push(&e);
@@ -1618,10 +1733,24 @@ impl Shard {
         let Some(s) = self.sessions.get(k) else {
             return;
         };
-        // Keep flushing until written, failed or out of time.
-        let pending = s.out_sent < s.out.len() && s.splice.is_none();
         let (_, deadline) = s.ending.as_ref().expect("set above");
         let timed_out = now >= *deadline;
+        // The session ended while a send was in flight: once that is written, take what the
+        // core still has (GOAWAY, close_notify) so the peer learns why.
+        if !s.write_failed
+            && !timed_out
+            && !s.send_inflight
+            && !s.poll_inflight
+            && s.splice.is_none()
+            && s.out_sent >= s.out.len()
+            && s.core.has_transmit()
+        {
+            s.out.clear();
+            s.out_sent = 0;
+            s.produce();
+        }
+        // Keep flushing until written, failed or out of time.
+        let pending = s.out_sent < s.out.len() && s.splice.is_none();
         if pending && !s.write_failed && !timed_out {
             if !s.send_inflight && !s.poll_inflight {
                 let fd = s.sock.as_raw_fd();
@@ -1815,7 +1944,12 @@ impl Shard {
             write_done: false,
             pipe: None,
             pipe_bytes: 0,
-            splice_mode: splice,
+            splice_mode: false,
+            splice_ok: splice,
+            to_splice: false,
+            small_reads: true,
+            readable: true,
+            hup_seen: false,
             in_splice_ready: false,
             closing: None,
             rx_pipe: None,
@@ -1857,6 +1991,7 @@ impl Shard {
     fn on_stream_recv(&mut self, k: Key, res: i32, flags: u32) {
         let more = cqueue::more(flags);
         let data = self.take_buffer(res, flags);
+        let full = self.cfg.shards.read_buffer.max(4096);
         let Some(st) = self.streams.get(k) else {
             return;
         };
@@ -1869,8 +2004,15 @@ impl Shard {
             self.dirty_streams.push(k);
             return;
         }
+        let mut cancel_recv = false;
         match data {
             Some(d) => {
+                if d.len() >= full && st.splice_ok && !st.splice_mode && !st.to_splice {
+                    // A whole buffer: bulk. Splice from here on (after this recv is over).
+                    st.to_splice = true;
+                    cancel_recv = more && !st.recv_cancelling;
+                    st.recv_cancelling |= cancel_recv;
+                }
                 st.held_bytes += d.len();
                 st.held.push_back(d);
                 st.held_on_ring = true;
@@ -1888,6 +2030,25 @@ impl Shard {
                 self.close_stream(k, false, Some(code));
                 return;
             }
+        }
+        if !more && st.to_splice {
+            // The recv is over: the socket is read by readiness + splice from here on. Bytes
+            // already received (`held`) go to the core first, and the core sends spliced
+            // payloads only behind them.
+            st.to_splice = false;
+            st.splice_mode = true;
+            st.small_reads = false;
+            st.readable = true;
+            if st.starved {
+                st.starved = false;
+                self.starved.retain(|x| *x != k);
+            }
+        }
+        if cancel_recv {
+            let e = opcode::AsyncCancel::new(user_data(Op::StreamRecv, k))
+                .build()
+                .user_data(user_data(Op::Cancel, k));
+            self.push(&e);
         }
         self.dirty_streams.push(k);
     }
@@ -1942,6 +2103,11 @@ impl Shard {
         if !cqueue::more(flags) {
             st.poll_armed = false;
             st.inflight -= 1;
+        }
+        // Readable, or the poll ended: either way the next serve reads (and re-arms).
+        st.readable = true;
+        if res > 0 && (res as i16 & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR)) != 0 {
+            st.hup_seen = true;
         }
         if res < 0 && res != -libc::ECANCELED && st.closing.is_none() {
             let code = st.end.error_code();
@@ -2106,7 +2272,7 @@ impl Shard {
                 st.held_on_ring = false;
             }
             let st = self.streams.get(k).expect("checked above");
-            if st.splice_mode && st.held.is_empty() && !st.read_eof {
+            if st.splice_mode && st.readable && st.held.is_empty() && !st.read_eof {
                 self.splice_in(k, cap);
             }
             self.queue_splice(k);
@@ -2119,6 +2285,7 @@ impl Shard {
             }
             let st = self.streams.get(k).expect("checked above");
             let want_recv = !st.splice_mode
+                && !st.to_splice
                 && cap > 0
                 && !st.read_eof
                 && !st.recv_armed
@@ -2172,8 +2339,9 @@ impl Shard {
     }
 
     /// Splice mode: moves what the local socket has (within credit) into the stream's pipe.
+    /// In the small-message phase a read into memory comes first (see `small_reads`).
     fn splice_in(&mut self, k: Key, cap: usize) {
-        let credit = {
+        let mut credit = {
             let Some(st) = self.streams.get(k) else {
                 return;
             };
@@ -2181,9 +2349,18 @@ impl Shard {
             let Some(s) = self.sessions.get(sk) else {
                 return;
             };
-            let _ = cap;
             s.core.stream_send_credit(id) as usize
         };
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if st.small_reads && st.pipe_bytes == 0 {
+            match self.small_read(k, cap) {
+                // Filled: more is likely waiting; splice it (bulk phase).
+                Some(n) => credit = credit.saturating_sub(n),
+                None => return,
+            }
+        }
         let pipe_size = self.cfg.pipe_size;
         let pool_max = self.cfg.pipe_pool;
         let Some(st) = self.streams.get(k) else {
@@ -2204,6 +2381,7 @@ impl Shard {
                 None => {
                     // Pool empty: this stream copies instead, for the rest of its life.
                     st.splice_mode = false;
+                    st.splice_ok = false;
                     if st.poll_armed {
                         let e = opcode::AsyncCancel::new(user_data(Op::StreamPollIn, k))
                             .build()
@@ -2222,6 +2400,12 @@ impl Shard {
             .saturating_sub(st.pipe_bytes)
             .min(credit.saturating_sub(st.pipe_bytes));
         if room == 0 {
+            // Pipe full (the session drains it and serves us again) or no credit left beyond
+            // what is queued: ask the core to report StreamWritable when there is.
+            let (sk, id) = (st.session, st.id);
+            if let Some(s) = self.sessions.get(sk) {
+                let _ = s.core.stream_send_capacity(id);
+            }
             self.release_pipe(k);
             return;
         }
@@ -2234,10 +2418,19 @@ impl Shard {
             pipe.write.as_raw_fd(),
             short_io::cap(room),
         );
+        let was_empty = st.pipe_bytes == 0;
         match r {
             Ok(0) => eof = true,
-            Ok(n) => st.pipe_bytes += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(n) => {
+                st.pipe_bytes += n;
+                // A trickle into an empty pipe: back to reading small messages into memory.
+                if was_empty && n < SMALL_READ && n < room {
+                    st.small_reads = true;
+                }
+            }
+            // Drained. (A short splice is not proof of that: it also stops when the pipe runs
+            // out of slots.)
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => failed = Some(e),
         }
@@ -2250,6 +2443,14 @@ impl Shard {
         if eof {
             st.read_eof = true;
         }
+        if !st.readable {
+            // Not read again until the readiness poll fires: it must be armed even when the pipe
+            // still holds bytes.
+            self.arm_pollin(k);
+        }
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
         if st.pipe_bytes > 0 {
             if !st.in_splice_ready {
                 st.in_splice_ready = true;
@@ -2269,6 +2470,89 @@ impl Shard {
                 self.arm_pollin(k);
             }
         }
+    }
+
+    /// The small-message phase of a spliced stream: reads up to `SMALL_READ` bytes (within
+    /// `cap`, the core's capacity for this stream) into memory and queues them in the core as
+    /// ordinary DATA. Returns the bytes read when the read filled its request (the stream is
+    /// moving bulk: it switches to splicing, and the caller splices what follows); otherwise
+    /// the stream is finished for this readiness and None is returned.
+    fn small_read(&mut self, k: Key, cap: usize) -> Option<usize> {
+        let Some(st) = self.streams.get(k) else {
+            return None;
+        };
+        let want = cap.min(SMALL_READ);
+        if want == 0 {
+            // No room in the core: served again on StreamWritable.
+            self.release_pipe(k);
+            return None;
+        }
+        let want = short_io::cap(want);
+        let mut buf = BytesMut::with_capacity(want);
+        // SAFETY: reads at most `want` bytes into the spare capacity of `buf` (at least `want`
+        // long), then sets the length to what the kernel wrote.
+        let n = unsafe {
+            libc::recv(
+                st.sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                want,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    st.readable = false;
+                    self.release_pipe(k);
+                    self.arm_pollin(k);
+                }
+                io::ErrorKind::Interrupted => self.dirty_streams.push(k),
+                _ => {
+                    let code = st.end.error_code();
+                    debug!(stream = %st.id, "stream reset ({} side): reading: {e}", st.end.name());
+                    self.close_stream(k, false, Some(code));
+                }
+            }
+            return None;
+        }
+        if n == 0 {
+            st.read_eof = true;
+            self.release_pipe(k);
+            self.dirty_streams.push(k);
+            return None;
+        }
+        let n = n as usize;
+        // SAFETY: the kernel initialised `n` bytes.
+        unsafe { buf.set_len(n) };
+        let (sk, id) = (st.session, st.id);
+        let Some(s) = self.sessions.get(sk) else {
+            return None;
+        };
+        if let Err(e) = s.core.stream_write(id, buf.freeze()) {
+            debug!(%id, "stream write refused: {e}");
+            self.close_stream(k, false, Some(ResetCode::Internal));
+            return None;
+        }
+        self.dirty_sessions.push(sk);
+        if n < want {
+            if let Some(st) = self.streams.get(k) {
+                if st.hup_seen {
+                    // The FIN may follow the data: read on until EOF.
+                    self.dirty_streams.push(k);
+                    return None;
+                }
+                st.readable = false;
+            }
+            // Drained (a TCP read returns less than asked only when the queue ran empty): the
+            // readiness poll reports the next bytes.
+            self.release_pipe(k);
+            self.arm_pollin(k);
+            return None;
+        }
+        let st = self.streams.get(k).expect("checked above");
+        st.small_reads = false;
+        Some(n)
     }
 
     /// Puts a stream whose pipe holds bytes in its session's splice line (once).
@@ -2297,10 +2581,13 @@ impl Shard {
         }
         st.poll_armed = true;
         st.inflight += 1;
-        let e = opcode::PollAdd::new(types::Fd(st.sock.as_raw_fd()), libc::POLLIN as u32)
-            .multi(true)
-            .build()
-            .user_data(user_data(Op::StreamPollIn, k));
+        let e = opcode::PollAdd::new(
+            types::Fd(st.sock.as_raw_fd()),
+            (libc::POLLIN | libc::POLLRDHUP) as u32,
+        )
+        .multi(true)
+        .build()
+        .user_data(user_data(Op::StreamPollIn, k));
         self.push(&e);
     }
 
@@ -2508,12 +2795,12 @@ impl Shard {
     fn dump_state(&mut self) {
         for k in self.sessions.keys() {
             if let Some(s) = self.sessions.get(k) {
-                debug!(side = self.cfg.shards.name, shard = self.index, session = s.id, rx_ready = s.rx_ready, rx_splice = ?s.rx_splice, tx_splice = ?s.splice, out = s.out.len(), out_sent = s.out_sent, send_inflight = s.send_inflight, poll_inflight = s.poll_inflight, recv_armed = s.recv_armed, input = s.input.len(), splice_ready = s.splice_ready.len(), core_streams = s.core.stream_count(), drained = s.core.is_drained(), has_transmit = s.core.has_transmit(), "dump session");
+                debug!(side = self.cfg.shards.name, shard = self.index, session = s.id, rx_ready = s.rx_ready, rx_splice_mode = s.rx_splice_mode, rx_switching = s.rx_switching, rx_splice = ?s.rx_splice, tx_splice = ?s.splice, out = s.out.len(), out_sent = s.out_sent, send_inflight = s.send_inflight, poll_inflight = s.poll_inflight, recv_armed = s.recv_armed, input = s.input.len(), splice_ready = s.splice_ready.len(), core_streams = s.core.stream_count(), drained = s.core.is_drained(), has_transmit = s.core.has_transmit(), "dump session");
             }
         }
         for k in self.streams.keys() {
             if let Some(st) = self.streams.get(k) {
-                debug!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, state = ?st.state, recv_armed = st.recv_armed, send_inflight = st.send_inflight, sending = st.sending.as_ref().map(|b| b.len()), poll_armed = st.poll_armed, pollout = st.pollout_armed, held = st.held_bytes, eof = st.read_eof, fin = st.fin_queued, write_done = st.write_done, pipe = st.pipe_bytes, in_ready = st.in_splice_ready, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), closing = ?st.closing, inflight = st.inflight, "dump stream");
+                debug!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, state = ?st.state, recv_armed = st.recv_armed, send_inflight = st.send_inflight, sending = st.sending.as_ref().map(|b| b.len()), poll_armed = st.poll_armed, pollout = st.pollout_armed, held = st.held_bytes, eof = st.read_eof, fin = st.fin_queued, write_done = st.write_done, pipe = st.pipe_bytes, splice_mode = st.splice_mode, to_splice = st.to_splice, readable = st.readable, small_reads = st.small_reads, in_ready = st.in_splice_ready, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), closing = ?st.closing, inflight = st.inflight, "dump stream");
             }
         }
     }
