@@ -2478,9 +2478,7 @@ impl Shard {
     /// moving bulk: it switches to splicing, and the caller splices what follows); otherwise
     /// the stream is finished for this readiness and None is returned.
     fn small_read(&mut self, k: Key, cap: usize) -> Option<usize> {
-        let Some(st) = self.streams.get(k) else {
-            return None;
-        };
+        let st = self.streams.get(k)?;
         let want = cap.min(SMALL_READ);
         if want == 0 {
             // No room in the core: served again on StreamWritable.
@@ -2526,9 +2524,7 @@ impl Shard {
         // SAFETY: the kernel initialised `n` bytes.
         unsafe { buf.set_len(n) };
         let (sk, id) = (st.session, st.id);
-        let Some(s) = self.sessions.get(sk) else {
-            return None;
-        };
+        let s = self.sessions.get(sk)?;
         if let Err(e) = s.core.stream_write(id, buf.freeze()) {
             debug!(%id, "stream write refused: {e}");
             self.close_stream(k, false, Some(ResetCode::Internal));
