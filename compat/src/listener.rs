@@ -29,6 +29,9 @@ pub fn reuseport_listeners(
         #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
         sock.set_reuse_port(true)?;
         sock.set_nonblocking(true)?;
+        // Accepted connections inherit TCP_NODELAY from the listener on Linux (the io_uring
+        // data plane relies on that to skip a setsockopt per visitor).
+        sock.set_nodelay(true)?;
         sock.bind(&bound.into())
             .map_err(|e| io::Error::new(e.kind(), format!("binding {bound}: {e}")))?;
         sock.listen(BACKLOG)?;
