@@ -557,7 +557,10 @@ struct Shard {
     stopping: bool,
     dirty_sessions: Vec<Key>,
     dirty_streams: Vec<Key>,
+    /// Streams and sessions whose multishot receive ended with ENOBUFS, re-armed when buffers
+    /// come back. Two lists: keys of different slabs can be equal.
     starved: Vec<Key>,
+    starved_sessions: Vec<Key>,
     listeners_need_arm: Vec<Key>,
     /// Diagnostics: when the last state dump was logged (`WARREN_DUMP_SHARDS` set), else None.
     last_dump: Option<Instant>,
@@ -594,6 +597,7 @@ impl Shard {
             dirty_sessions: Vec::new(),
             dirty_streams: Vec::new(),
             starved: Vec::new(),
+            starved_sessions: Vec::new(),
             listeners_need_arm: Vec::new(),
             last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
         })
@@ -1344,7 +1348,7 @@ impl Shard {
             // The shard ran out of receive buffers; re-armed once some come back (or now, in
             // splice mode, which needs none).
             if !s.rx_switching {
-                self.starved.push(k);
+                self.starved_sessions.push(k);
             }
         } else if res < 0 && res != -libc::ECANCELED {
             let e = io::Error::from_raw_os_error(-res);
@@ -2737,13 +2741,15 @@ impl Shard {
             self.arm_accept(k);
         }
         self.bufs.recycle();
-        if !self.starved.is_empty() && self.bufs.available() > 0 {
+        if self.bufs.available() > 0 {
+            // Sessions first: they carry every stream's frames and the keepalives.
+            for k in std::mem::take(&mut self.starved_sessions) {
+                self.arm_session_recv(k);
+            }
             for k in std::mem::take(&mut self.starved) {
                 if let Some(st) = self.streams.get(k) {
                     st.starved = false;
                     self.dirty_streams.push(k);
-                } else if self.sessions.get(k).is_some() {
-                    self.arm_session_recv(k);
                 }
             }
         }
