@@ -214,6 +214,14 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
 async fn visitors_spread_over_one_session_per_shard(backend: Backend) {
     let service = source_service().await;
     let p = start_pair(backend, service, 2).await;
+    // The shards publish their counters on their own schedule, a moment after the route board
+    // (which start_pair waits for) learns of the sessions.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while p.inner.server.shards().total(|s| &s.sessions) < 2
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 2);
     // Each server shard has its own session: both shards have exactly one.
     for i in 0..2 {
