@@ -211,17 +211,20 @@ async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_wi
     p.inner.shutdown().await;
 }
 
+/// Waits (up to 5 s) until `ok` holds. Shards publish their counters on their own schedule, a
+/// moment after the event (the route board, which start_pair waits for, learns of sessions
+/// first); the assertion that follows reports the value if it never does.
+async fn settle(ok: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn visitors_spread_over_one_session_per_shard(backend: Backend) {
     let service = source_service().await;
     let p = start_pair(backend, service, 2).await;
-    // The shards publish their counters on their own schedule, a moment after the route board
-    // (which start_pair waits for) learns of the sessions.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while p.inner.server.shards().total(|s| &s.sessions) < 2
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    settle(|| p.inner.server.shards().total(|s| &s.sessions) == 2).await;
     assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 2);
     // Each server shard has its own session: both shards have exactly one.
     for i in 0..2 {
@@ -252,6 +255,7 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it(bac
     // Two server shards, one client session: every visitor the kernel gives to the other shard
     // must be handed over, not refused.
     let p = start_pair_with(backend, service, 2, 1).await;
+    settle(|| p.inner.server.shards().total(|s| &s.sessions) == 1).await;
     assert_eq!(p.inner.server.shards().total(|s| &s.sessions), 1);
     let mut tasks = Vec::new();
     for _ in 0..32 {
@@ -263,6 +267,20 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it(bac
     for t in tasks {
         assert_eq!(t.await.unwrap(), 64 * 1024);
     }
+    settle(|| {
+        (0..2)
+            .map(|i| {
+                p.inner
+                    .server
+                    .shards()
+                    .stats(i)
+                    .visitors_accepted
+                    .load(Ordering::Relaxed)
+            })
+            .sum::<u64>()
+            == 32
+    })
+    .await;
     let accepted: Vec<u64> = (0..2)
         .map(|i| {
             p.inner
