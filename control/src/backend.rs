@@ -118,6 +118,7 @@ impl DataPlane {
                 buffer_count: tuning.buffer_count,
                 pipe_size: tuning.pipe_size_bytes as usize,
                 pipe_pool: tuning.pipe_pool_size as usize,
+                busy_poll: std::time::Duration::from_micros(tuning.busy_poll_us.into()),
             };
             let set = warren_dataplane::Shards::start(cfg, board.clone())
                 .context("starting io_uring shard threads")?;

@@ -263,7 +263,7 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 13] = [
+        let rows: [(&str, String, String); 14] = [
             (
                 "backend",
                 s.tuning.backend.to_string(),
@@ -320,6 +320,11 @@ impl BenchResult {
                 "pipe_pool_size",
                 s.tuning.pipe_pool_size.to_string(),
                 c.tuning.pipe_pool_size.to_string(),
+            ),
+            (
+                "busy_poll_us",
+                s.tuning.busy_poll_us.to_string(),
+                c.tuning.busy_poll_us.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -412,6 +417,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "buffer_count": t.buffer_count,
         "pipe_size_bytes": t.pipe_size_bytes,
         "pipe_pool_size": t.pipe_pool_size,
+        "busy_poll_us": t.busy_poll_us,
     })
 }
 

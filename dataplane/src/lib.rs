@@ -36,6 +36,9 @@ pub struct UringConfig {
     /// Pipes per shard for splicing plaintext payloads into plain-TCP sessions; 0 turns splice
     /// off. A stream that finds the pool empty copies instead.
     pub pipe_pool: usize,
+    /// How long a shard polls its ring without sleeping after the last completion (yielding
+    /// the core between looks); zero sleeps at once.
+    pub busy_poll: std::time::Duration,
 }
 
 /// The running io_uring shards. Same surface as `warren_compat::Shards`.

@@ -135,8 +135,14 @@ class Warren(System):
         # Experiment hook: WARREN_PERF_CLIENT_CORES="1,0" pins the client's shards to other
         # cores than the server's (on one host a session's two ends otherwise share a core).
         cores = os.environ.get("WARREN_PERF_CLIENT_CORES")
-        if cores:
-            cli.append(f"[client.tuning]\ncores = [{cores}]\n")
+        # Experiment hook: WARREN_PERF_TUNING="busy_poll_us = 0; pipe_size_bytes = 65536" adds
+        # those keys to both [server.tuning] and [client.tuning].
+        extra = [x.strip() for x in os.environ.get("WARREN_PERF_TUNING", "").split(";") if x.strip()]
+        cli_tuning = ([f"cores = [{cores}]"] if cores else []) + extra
+        if cli_tuning:
+            cli.append("[client.tuning]\n" + "\n".join(cli_tuning) + "\n")
+        if extra:
+            srv.append("[server.tuning]\n" + "\n".join(extra) + "\n")
         for k in BACKENDS:
             srv.append(f"[server.services.{k}]\nbind_addr = \"127.0.0.1:{self.public[k]}\"\n")
             cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")

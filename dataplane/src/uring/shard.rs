@@ -64,6 +64,8 @@ const RX_BUDGET: usize = 4 * 1024 * 1024;
 const DUMP_EVERY: Duration = Duration::from_secs(2);
 /// Rounds of "serve what changed" per loop turn before waiting on the ring again.
 const SERVE_ROUNDS: usize = 8;
+/// `io_uring_enter(2)` flag: wait for / reap completions (uapi value, stable ABI).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 // ----- user_data ---------------------------------------------------------------------------
 
@@ -564,11 +566,17 @@ struct Shard {
     listeners_need_arm: Vec<Key>,
     /// Diagnostics: when the last state dump was logged (`WARREN_DUMP_SHARDS` set), else None.
     last_dump: Option<Instant>,
+    /// How long the loop keeps polling the ring after the last completion before it sleeps
+    /// (`busy_poll_us`); zero sleeps at once.
+    busy_poll: Duration,
+    /// When the last completion arrived (drives `busy_poll`).
+    last_io: Instant,
 }
 
 impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
+        let busy_poll = ctx.cfg.busy_poll;
         let count = ctx.cfg.buffer_count.clamp(16, 32768).next_power_of_two() as u16;
         let bufs = BufRing::new(
             &ring.submitter(),
@@ -600,6 +608,8 @@ impl Shard {
             starved_sessions: Vec::new(),
             listeners_need_arm: Vec::new(),
             last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
+            busy_poll,
+            last_io: clock::now(),
         })
     }
 
@@ -631,7 +641,14 @@ impl Shard {
             self.serve();
             let now = clock::now();
             let deadline = self.next_deadline();
-            let has_ready = !self.ring.completion().is_empty();
+            let mut has_ready = !self.ring.completion().is_empty();
+            if !has_ready && !self.busy_poll.is_zero() {
+                let until = self.last_io + self.busy_poll;
+                let until = deadline.map_or(until, |d| d.min(until));
+                if now < until {
+                    has_ready = self.busy_wait(until);
+                }
+            }
             let res = if has_ready {
                 self.ring.submit()
             } else if let Some(d) = deadline {
@@ -657,10 +674,53 @@ impl Shard {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
+            if !cqes.is_empty() {
+                self.last_io = clock::now();
+            }
             for &(ud, res, flags) in &cqes {
                 self.complete(ud, res, flags);
             }
             self.fire_timers();
+        }
+    }
+
+    /// Polls the ring without sleeping until a completion is ready or `until` passes; returns
+    /// whether one is ready. Submits what is queued first. Between looks it yields the core, so
+    /// another thread pinned to it (the other end of a loopback session, a backend) still runs.
+    fn busy_wait(&mut self, until: Instant) -> bool {
+        if let Err(e) = self.ring.submit() {
+            if !matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR)) {
+                return false;
+            }
+        }
+        let mut spins: u32 = 0;
+        loop {
+            if !self.ring.completion().is_empty() {
+                return true;
+            }
+            spins = spins.wrapping_add(1);
+            // Deferred task work (DEFER_TASKRUN) runs only inside io_uring_enter: enter when the
+            // kernel flags some, and every 8th look in case the flag is not offered.
+            if self.ring.submission().taskrun() || spins % 8 == 0 {
+                // SAFETY: GETEVENTS with min_complete 0 and no argument: runs pending task
+                // work and returns at once; submits nothing (the queue was flushed above).
+                let _ = unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        0,
+                        0,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                };
+                self.ring.completion().sync();
+                if !self.ring.completion().is_empty() {
+                    return true;
+                }
+            }
+            if clock::now() >= until {
+                return false;
+            }
+            std::thread::yield_now();
         }
     }
 
