@@ -107,12 +107,25 @@ class Warren(System):
     "warren_mimalloc" (built with `--features mimalloc`), for the allocator comparison
     (`warren-mimalloc-tcp`)."""
 
-    def __init__(self, ctx, transport, backend="uring", binary="warren"):
+    # Tuning variants measured beside the shipped defaults: name suffix -> (label note, server
+    # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
+    # reverse order, so on one host a session's two ends run on different cores. "nopoll":
+    # busy_poll_us = 0 (sleep as soon as the ring is empty).
+    VARIANTS = {
+        "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
+        "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
+    }
+
+    def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
         super().__init__(ctx)
         self.transport = transport
         self.backend = backend
         self.binary = binary
-        if binary == "warren_mimalloc":
+        self.variant = variant
+        if variant:
+            self.name = f"warren-{variant}-{transport}"
+            self.label = f"warren io_uring ({transport}, {self.VARIANTS[variant][0]})"
+        elif binary == "warren_mimalloc":
             self.name = f"warren-mimalloc-{transport}"
             self.label = f"warren {backend} ({transport}, mimalloc)"
         elif backend == "uring":
@@ -139,10 +152,17 @@ class Warren(System):
         # those keys to both [server.tuning] and [client.tuning].
         extra = [x.strip() for x in os.environ.get("WARREN_PERF_TUNING", "").split(";") if x.strip()]
         cli_tuning = ([f"cores = [{cores}]"] if cores else []) + extra
+        srv_tuning = list(extra)
+        if self.variant:
+            _, vs, vc = self.VARIANTS[self.variant]
+            cpus = sorted(os.sched_getaffinity(0))
+            rev = "[" + ", ".join(str(c) for c in reversed(cpus)) + "]"
+            srv_tuning += vs
+            cli_tuning += [x.replace("@REVERSED@", rev) for x in vc]
         if cli_tuning:
             cli.append("[client.tuning]\n" + "\n".join(cli_tuning) + "\n")
-        if extra:
-            srv.append("[server.tuning]\n" + "\n".join(extra) + "\n")
+        if srv_tuning:
+            srv.append("[server.tuning]\n" + "\n".join(srv_tuning) + "\n")
         for k in BACKENDS:
             srv.append(f"[server.services.{k}]\nbind_addr = \"127.0.0.1:{self.public[k]}\"\n")
             cli.append(f"[client.services.{k}]\nlocal_addr = \"127.0.0.1:{self.ctx['backends'][k]}\"\n")
@@ -263,4 +283,6 @@ class Ferro(System):
 def all_systems(ctx):
     return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
-            Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc")]
+            Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
+            Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
+            Warren(ctx, "tcp", variant="nopoll")]

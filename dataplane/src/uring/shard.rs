@@ -66,6 +66,25 @@ const DUMP_EVERY: Duration = Duration::from_secs(2);
 const SERVE_ROUNDS: usize = 8;
 /// `io_uring_enter(2)` flag: wait for / reap completions (uapi value, stable ABI).
 const IORING_ENTER_GETEVENTS: u32 = 1;
+/// Slots of the ring's registered-file table: long-lived sockets (listeners, sessions) only.
+const FIXED_FILES: u32 = 1024;
+
+/// Builds an SQE against a registered file when the socket has a slot in the ring's file
+/// table, else against its fd: `target!(slot, fd, |t| opcode::Send::new(t, ..).build())`.
+macro_rules! target {
+    ($fixed:expr, $fd:expr, |$t:ident| $body:expr) => {
+        match $fixed {
+            Some(i) => {
+                let $t = types::Fixed(i);
+                $body
+            }
+            None => {
+                let $t = types::Fd($fd);
+                $body
+            }
+        }
+    };
+}
 
 // ----- user_data ---------------------------------------------------------------------------
 
@@ -336,6 +355,8 @@ struct Context {
 #[derive(Debug)]
 struct Listener {
     sock: std::net::TcpListener,
+    /// Slot in the ring's registered-file table, if it got one.
+    fixed: Option<u32>,
     service: Arc<str>,
     armed: bool,
     closing: bool,
@@ -375,6 +396,9 @@ struct SpliceOut {
 
 struct SessionSlot {
     sock: TcpStream,
+    /// Slot in the ring's registered-file table, if it got one. Ring ops on the session
+    /// socket use it; the synchronous reads, sends and splices use the fd.
+    fixed: Option<u32>,
     tls: Option<Box<rustls::Connection>>,
     core: Session,
     id: u64,
@@ -571,12 +595,26 @@ struct Shard {
     busy_poll: Duration,
     /// When the last completion arrived (drives `busy_poll`).
     last_io: Instant,
+    /// Free slots of the registered-file table (empty when the kernel refused the table).
+    fixed_free: Vec<u32>,
 }
 
 impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
+        // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
+        // RLIMIT_NOFILE below the table size) every op uses plain fds.
+        let fixed_free = match ring.submitter().register_files_sparse(FIXED_FILES) {
+            Ok(()) => (0..FIXED_FILES).rev().collect(),
+            Err(e) => {
+                debug!(
+                    shard = ctx.index,
+                    "no registered-file table ({e}): ops use plain fds"
+                );
+                Vec::new()
+            }
+        };
         let count = ctx.cfg.buffer_count.clamp(16, 32768).next_power_of_two() as u16;
         let bufs = BufRing::new(
             &ring.submitter(),
@@ -610,6 +648,7 @@ impl Shard {
             last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
             busy_poll,
             last_io: clock::now(),
+            fixed_free,
         })
     }
 
@@ -681,6 +720,34 @@ impl Shard {
                 self.complete(ud, res, flags);
             }
             self.fire_timers();
+        }
+    }
+
+    /// Puts `fd` into a free slot of the registered-file table; None when the table is full
+    /// or absent (the caller then uses the fd).
+    fn fixed_register(&mut self, fd: i32) -> Option<u32> {
+        let slot = self.fixed_free.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => Some(slot),
+            Err(e) => {
+                debug!(
+                    shard = self.index,
+                    "registering a file failed ({e}): using its fd"
+                );
+                self.fixed_free.push(slot);
+                None
+            }
+        }
+    }
+
+    /// Empties a slot of the registered-file table. Call it before the socket closes: the
+    /// table holds a reference, so the connection would otherwise stay open.
+    fn fixed_release(&mut self, slot: Option<u32>) {
+        let Some(slot) = slot else { return };
+        match self.ring.submitter().register_files_update(slot, &[-1]) {
+            Ok(_) => self.fixed_free.push(slot),
+            // The slot keeps its file until the ring goes; never hand it out again.
+            Err(e) => warn!(shard = self.index, "unregistering a file failed: {e}"),
         }
     }
 
@@ -756,8 +823,10 @@ impl Shard {
                     warn!(shard = self.index, %service, "cannot use listener: {e}");
                     return;
                 }
+                let fixed = self.fixed_register(listener.as_raw_fd());
                 let k = self.listeners.insert(Listener {
                     sock: listener,
+                    fixed,
                     service,
                     armed: false,
                     closing: false,
@@ -796,10 +865,10 @@ impl Shard {
         }
         l.armed = true;
         let fd = l.sock.as_raw_fd();
-        let e = opcode::AcceptMulti::new(types::Fd(fd))
+        let e = target!(l.fixed, fd, |t| opcode::AcceptMulti::new(t)
             .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-            .build()
-            .user_data(user_data(Op::Accept, k));
+            .build())
+        .user_data(user_data(Op::Accept, k));
         self.push(&e);
     }
 
@@ -813,8 +882,8 @@ impl Shard {
                 .build()
                 .user_data(user_data(Op::Cancel, k));
             self.push(&e);
-        } else {
-            self.listeners.remove(k);
+        } else if let Some(l) = self.listeners.remove(k) {
+            self.fixed_release(l.fixed);
         }
     }
 
@@ -847,7 +916,9 @@ impl Shard {
             warn!(shard = self.index, %service, "accept failed: {e}");
         }
         if closing && !more {
-            self.listeners.remove(k);
+            if let Some(l) = self.listeners.remove(k) {
+                self.fixed_release(l.fixed);
+            }
         } else if !more && !closing {
             // EMFILE and friends end the multishot; re-arm on the next turn rather than spin.
             self.listeners_need_arm.push(k);
@@ -942,8 +1013,10 @@ impl Shard {
         }
         let _ = parts.sock.set_nodelay(true);
         let can_splice = parts.tls.is_none() && self.cfg.pipe_pool > 0;
+        let fixed = self.fixed_register(parts.sock.as_raw_fd());
         let slot = SessionSlot {
             sock: parts.sock,
+            fixed,
             tls: parts.tls,
             core: Session::new(h.config, clock::now()),
             id: h.session_id,
@@ -982,7 +1055,7 @@ impl Shard {
         let k = self.sessions.insert(slot);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = self.sessions.get(k) {
-            info!(shard = self.index, session = s.id, peer = %s.peer_name, tls, backend = "uring", "session running");
+            info!(shard = self.index, session = s.id, peer = %s.peer_name, tls, registered_fd = s.fixed.is_some(), backend = "uring", "session running");
             if self.draining {
                 s.core.go_away(GoAwayCode::NoError, "shutting down");
             }
@@ -1008,13 +1081,15 @@ impl Shard {
         };
         let fd = s.sock.as_raw_fd();
         let e = if s.rx_splice_mode {
-            opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
-                .multi(true)
-                .build()
-                .user_data(user_data(Op::SessionPollIn, k))
+            target!(s.fixed, fd, |t| opcode::PollAdd::new(
+                t,
+                (libc::POLLIN | libc::POLLRDHUP) as u32
+            )
+            .multi(true)
+            .build())
+            .user_data(user_data(Op::SessionPollIn, k))
         } else {
-            opcode::RecvMulti::new(types::Fd(fd), bgid)
-                .build()
+            target!(s.fixed, fd, |t| opcode::RecvMulti::new(t, bgid).build())
                 .user_data(user_data(Op::SessionRecv, k))
         };
         self.push(&e);
@@ -1490,10 +1565,10 @@ impl Shard {
                 if more {
                     flags |= libc::MSG_MORE;
                 }
-                let e = opcode::Send::new(types::Fd(fd), ptr, len)
+                let e = target!(s.fixed, fd, |t| opcode::Send::new(t, ptr, len)
                     .flags(flags)
-                    .build()
-                    .user_data(user_data(Op::SessionSend, k));
+                    .build())
+                .user_data(user_data(Op::SessionSend, k));
                 self.push(&e);
                 return;
             }
@@ -1673,9 +1748,12 @@ impl Shard {
             SpliceStep::Wait => {
                 s.poll_inflight = true;
                 s.inflight += 1;
-                let e = opcode::PollAdd::new(types::Fd(sock_fd), libc::POLLOUT as u32)
-                    .build()
-                    .user_data(user_data(Op::SessionPollOut, k));
+                let e = target!(s.fixed, sock_fd, |t| opcode::PollAdd::new(
+                    t,
+                    libc::POLLOUT as u32
+                )
+                .build())
+                .user_data(user_data(Op::SessionPollOut, k));
                 self.push(&e);
                 SpliceStep::Wait
             }
@@ -1822,10 +1900,10 @@ impl Shard {
                 let len = (s.out.len() - s.out_sent) as u32;
                 s.send_inflight = true;
                 s.inflight += 1;
-                let e = opcode::Send::new(types::Fd(fd), ptr, len)
+                let e = target!(s.fixed, fd, |t| opcode::Send::new(t, ptr, len)
                     .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(user_data(Op::SessionSend, k));
+                    .build())
+                .user_data(user_data(Op::SessionSend, k));
                 self.push(&e);
             }
             return;
@@ -1858,6 +1936,7 @@ impl Shard {
         let Some(s) = self.sessions.remove(k) else {
             return;
         };
+        self.fixed_release(s.fixed);
         let _ = SockRef::from(&s.sock).shutdown(std::net::Shutdown::Both);
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
         if let SessionRole::Server { services } = &s.role {
