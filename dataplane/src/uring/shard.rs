@@ -66,6 +66,13 @@ const DUMP_EVERY: Duration = Duration::from_secs(2);
 const SERVE_ROUNDS: usize = 8;
 /// `io_uring_enter(2)` flag: wait for / reap completions (uapi value, stable ABI).
 const IORING_ENTER_GETEVENTS: u32 = 1;
+/// A loop turn that moved at least this many payload bytes is bulk traffic: throughput, not
+/// wake-up latency, is what counts, and a busy poll would only add CPU per byte. The shard
+/// polls again once no turn has moved that much for `BULK_QUIET`.
+const BULK_TURN_BYTES: usize = 128 * 1024;
+const BULK_QUIET: Duration = Duration::from_millis(2);
+/// A turn with more completions than this means load: the shard sleeps instead of polling.
+const BUSY_POLL_MAX_BATCH: usize = 4;
 /// Slots of the ring's registered-file table: long-lived sockets (listeners, sessions) only.
 const FIXED_FILES: u32 = 1024;
 
@@ -597,6 +604,10 @@ struct Shard {
     last_io: Instant,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
+    /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
+    last_bulk: Instant,
+    /// Completions the last non-empty turn handled (no busy poll under load).
+    last_batch: usize,
 }
 
 impl Shard {
@@ -649,6 +660,8 @@ impl Shard {
             busy_poll,
             last_io: clock::now(),
             fixed_free,
+            last_bulk: clock::now(),
+            last_batch: 0,
         })
     }
 
@@ -681,7 +694,16 @@ impl Shard {
             let now = clock::now();
             let deadline = self.next_deadline();
             let mut has_ready = !self.ring.completion().is_empty();
-            if !has_ready && !self.busy_poll.is_zero() {
+            if sys::take_moved() >= BULK_TURN_BYTES {
+                self.last_bulk = now;
+            }
+            // Poll only while traffic is light: no bulk in the last BULK_QUIET, and the last
+            // turn handled few completions. Under load a sleeping shard wakes to a batch of
+            // completions and coalesces their frames into fewer session sends; polling would
+            // take them one by one.
+            let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
+                && self.last_batch <= BUSY_POLL_MAX_BATCH;
+            if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
                 let until = deadline.map_or(until, |d| d.min(until));
                 if now < until {
@@ -715,6 +737,7 @@ impl Shard {
             );
             if !cqes.is_empty() {
                 self.last_io = clock::now();
+                self.last_batch = cqes.len();
             }
             for &(ud, res, flags) in &cqes {
                 self.complete(ud, res, flags);
@@ -1424,6 +1447,7 @@ impl Shard {
         if res <= 0 {
             return None;
         }
+        sys::note_moved(res as usize);
         cqueue::buffer_select(flags).map(|bid| self.bufs.take(bid, res as usize))
     }
 

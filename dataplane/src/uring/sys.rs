@@ -108,6 +108,23 @@ pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
+        note_moved(r as usize);
         Ok(r as usize)
     }
+}
+
+thread_local! {
+    /// Payload bytes this thread moved (splices, ring receives) since `take_moved`. Each shard
+    /// is one thread, so this is per shard with no sharing.
+    static MOVED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts payload bytes moved by this shard thread (feeds the busy-poll policy).
+pub(crate) fn note_moved(n: usize) {
+    MOVED.with(|m| m.set(m.get().saturating_add(n)));
+}
+
+/// Bytes moved by this thread since the last call.
+pub(crate) fn take_moved() -> usize {
+    MOVED.with(|m| m.replace(0))
 }
