@@ -2374,7 +2374,11 @@ impl Shard {
                 Readable::Fin => {
                     let st = self.streams.get(k).expect("checked above");
                     st.write_done = true;
-                    let _ = SockRef::from(&st.sock).shutdown(std::net::Shutdown::Write);
+                    // Half-close. When this side's read already ended (FIN queued), the stream
+                    // closes below and close() sends the FIN: one syscall fewer per connection.
+                    if !st.fin_queued {
+                        let _ = SockRef::from(&st.sock).shutdown(std::net::Shutdown::Write);
+                    }
                 }
                 Readable::Pending => {}
                 Readable::Gone => {
