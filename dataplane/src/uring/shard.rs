@@ -438,6 +438,11 @@ struct SessionSlot {
     /// switch to it when a large DATA payload arrives and back after `RX_QUIET_SWITCH` reads
     /// without one; small frames are cheaper through multishot recv (no syscall per read).
     rx_splice_mode: bool,
+    /// The last DATA frame was spliced: read the next header alone (12 bytes), so a large
+    /// payload goes straight from the socket into the pipe instead of its first 16 KiB being
+    /// copied into `input` and written into the pipe. Cleared by the first frame that is not
+    /// a large DATA frame (small frames are read 16 KiB at a time again).
+    rx_expect_large: bool,
     /// Leaving multishot recv for splice mode: the cancel is on its way; the switch happens at
     /// the recv's last completion, so no byte is read by both.
     rx_switching: bool,
@@ -1062,6 +1067,7 @@ impl Shard {
             published: Published::default(),
             can_splice,
             rx_splice_mode: false,
+            rx_expect_large: false,
             rx_switching: false,
             rx_quiet: 0,
             rx_op: Op::SessionRecv,
@@ -1265,10 +1271,20 @@ impl Shard {
                             if self.rx_pipe_ready(sk, len as usize) {
                                 active = true;
                                 self.start_rx_splice(k, sk, now);
+                                if let Some(s) = self.sessions.get(k) {
+                                    s.rx_expect_large = true;
+                                }
                                 continue;
                             }
                         }
                     }
+                }
+                let Some(s) = self.sessions.get(k) else {
+                    return;
+                };
+                if s.input.len() >= warren_proto::frame::HEADER_LEN {
+                    // A header that did not start a splice: small frames again.
+                    s.rx_expect_large = false;
                 }
             }
             // 3. Read more.
@@ -1286,6 +1302,9 @@ impl Shard {
                 Some((_, len)) => {
                     let have = s.input.len() - warren_proto::frame::HEADER_LEN;
                     (len as usize).saturating_sub(have).clamp(1, RX_READ * 4)
+                }
+                None if s.rx_expect_large && s.input.len() < warren_proto::frame::HEADER_LEN => {
+                    warren_proto::frame::HEADER_LEN - s.input.len()
                 }
                 None => RX_READ,
             };
