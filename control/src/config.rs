@@ -425,7 +425,7 @@ impl Default for Tuning {
             initial_stream_window_bytes: 256 * KIB,
             max_stream_window_bytes: 16 * MIB,
             session_window_bytes: 64 * MIB,
-            max_frame_payload_bytes: 256 * KIB,
+            max_frame_payload_bytes: MIB,
             quantum_bytes: 64 * KIB,
             read_buffer_bytes: 64 * KIB,
             max_streams_per_session: 16_384,
