@@ -73,6 +73,10 @@ const BULK_TURN_BYTES: usize = 128 * 1024;
 const BULK_QUIET: Duration = Duration::from_millis(2);
 /// A turn with more completions than this means load: the shard sleeps instead of polling.
 const BUSY_POLL_MAX_BATCH: usize = 4;
+/// With more streams than this the shard is busy enough that work arrives without a poll, and
+/// a poll would take the core from the threads that produce it (measured: rr-64 and
+/// connect+echo+close lost 6-30% to the poll): the shard sleeps.
+const BUSY_POLL_MAX_STREAMS: usize = 4;
 /// Slots of the ring's registered-file table: long-lived sockets (listeners, sessions) only.
 const FIXED_FILES: u32 = 1024;
 
@@ -165,6 +169,11 @@ struct Slab<T> {
 }
 
 impl<T> Slab<T> {
+    /// Occupied entries.
+    fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+
     fn new() -> Slab<T> {
         Slab {
             entries: Vec::new(),
@@ -707,7 +716,8 @@ impl Shard {
             // completions and coalesces their frames into fewer session sends; polling would
             // take them one by one.
             let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
-                && self.last_batch <= BUSY_POLL_MAX_BATCH;
+                && self.last_batch <= BUSY_POLL_MAX_BATCH
+                && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
                 let until = deadline.map_or(until, |d| d.min(until));
