@@ -711,8 +711,8 @@ impl Shard {
             if sys::take_moved() >= BULK_TURN_BYTES {
                 self.last_bulk = now;
             }
-            // Poll only while traffic is light: no bulk in the last BULK_QUIET, and the last
-            // turn handled few completions. Under load a sleeping shard wakes to a batch of
+            // Poll only while traffic is light: no bulk in the last BULK_QUIET, few completions
+            // in the last turn, few streams. Under load a sleeping shard wakes to a batch of
             // completions and coalesces their frames into fewer session sends; polling would
             // take them one by one.
             let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
