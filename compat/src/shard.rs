@@ -40,6 +40,17 @@ pub enum ShardCommand {
         /// The visitor's address.
         peer: SocketAddr,
     },
+    /// The latest answer for a service's host-name `local_addr` (the control plane resolves
+    /// them off the shards, at start and then periodically). The io_uring shards dial from it
+    /// and never call the blocking system resolver; compat shards resolve at each dial on their
+    /// runtime and ignore it.
+    ServiceAddr {
+        /// The `local_addr` text exactly as configured (`host:port`).
+        addr: Arc<str>,
+        /// The addresses it resolved to, in the resolver's order of preference (dials try
+        /// them in turn), or why it did not resolve.
+        resolved: Result<Arc<[SocketAddr]>, String>,
+    },
     /// Graceful shutdown: stop accepting visitors, send GOAWAY on every session, let streams
     /// finish; sessions close once drained.
     Drain {
@@ -85,7 +96,9 @@ pub enum SessionRole {
 /// A local target the client forwards a service to.
 #[derive(Debug, Clone)]
 pub struct LocalService {
-    /// `host:port`, resolved at each dial.
+    /// `host:port`. An IP address is used as it is. A host name: the compat backend resolves it
+    /// at each dial (asynchronously); the io_uring backend dials the latest
+    /// [`ShardCommand::ServiceAddr`] the control plane sent for it.
     pub addr: String,
     /// How long a dial may take before the stream is reset.
     pub connect_timeout: Duration,
@@ -469,6 +482,8 @@ fn handle_command(shard: &Rc<Shard>, cmd: ShardCommand) -> bool {
                 "cannot register handed-off visitor: {e}"
             ),
         },
+        // Compat dials resolve the host name asynchronously on this runtime.
+        ShardCommand::ServiceAddr { .. } => {}
         ShardCommand::Drain { reason } => {
             shard.draining.set(true);
             for l in shard.listeners.borrow_mut().drain(..) {

@@ -28,6 +28,8 @@ pub struct Client {
     shards: Arc<DataPlane>,
     stop: watch::Sender<bool>,
     slots: tokio::task::JoinHandle<()>,
+    /// Keeps host-name `local_addr`s resolved for the io_uring shards (see [`keep_resolved`]).
+    resolvers: Vec<tokio::task::JoinHandle<()>>,
     drain_timeout: Duration,
     connected: watch::Receiver<usize>,
 }
@@ -84,6 +86,7 @@ impl Client {
                 })
                 .collect(),
         );
+        let resolvers = start_resolvers(&shards, &services).await;
         let (stop, stop_rx) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(0usize);
         let drain_timeout = Duration::from_millis(cfg.drain_timeout_ms);
@@ -100,6 +103,7 @@ impl Client {
             shards,
             stop,
             slots,
+            resolvers,
             drain_timeout,
             connected,
         })
@@ -136,7 +140,137 @@ impl Client {
             );
         }
         self.slots.abort();
+        for r in &self.resolvers {
+            r.abort();
+        }
         self.shards.stop();
+    }
+}
+
+/// How long a resolved host-name `local_addr` is used before it is looked up again, so a
+/// service that moves to another address is followed.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// Next lookup after a failed one.
+const RESOLVE_RETRY: Duration = Duration::from_secs(5);
+/// A lookup without an answer after this long has failed.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The io_uring shards never call the system resolver (it blocks, and a slow DNS answer would
+/// stall every stream on that core): for each service whose `local_addr` is a host name, a
+/// task here resolves it and sends the answer to every shard ([`ShardCommand::ServiceAddr`]).
+/// The first lookups finish (or time out) before this returns, so the first sessions can
+/// dial at once. The compat backend resolves at each dial on its own runtime and needs none.
+async fn start_resolvers(
+    shards: &Arc<DataPlane>,
+    services: &HashMap<String, LocalService>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    if shards.kind() != BackendKind::Uring {
+        return Vec::new();
+    }
+    let mut names: Vec<Arc<str>> = services
+        .values()
+        .filter(|s| s.addr.parse::<std::net::SocketAddr>().is_err())
+        .map(|s| Arc::from(s.addr.as_str()))
+        .collect();
+    names.sort();
+    names.dedup();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::channel::<()>(names.len().max(1));
+    let tasks: Vec<_> = names
+        .into_iter()
+        .map(|addr| tokio::spawn(keep_resolved(shards.clone(), addr, first_tx.clone())))
+        .collect();
+    drop(first_tx);
+    // Every task reports once after its first lookup; a closed channel means all have.
+    while first_rx.recv().await.is_some() {}
+    tasks
+}
+
+/// Looks `addr` up now and then every [`RESOLVE_EVERY`] (after a failure, every
+/// [`RESOLVE_RETRY`]) and publishes each answer to the shards. A failed re-lookup keeps the
+/// last good address in use (and says so); only a host name that never resolved makes its
+/// streams fail, each with the lookup's error.
+async fn keep_resolved(
+    shards: Arc<DataPlane>,
+    addr: Arc<str>,
+    first: tokio::sync::mpsc::Sender<()>,
+) {
+    let mut first = Some(first);
+    let mut current: Option<Arc<[std::net::SocketAddr]>> = None;
+    // The last failure said aloud: the same one again every RESOLVE_RETRY goes to debug.
+    let mut said: Option<String> = None;
+    loop {
+        let answer =
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(&*addr)).await {
+                Ok(Ok(found)) => {
+                    let found: Arc<[std::net::SocketAddr]> = found.collect();
+                    if found.is_empty() {
+                        Err("the name has no addresses".to_string())
+                    } else {
+                        Ok(found)
+                    }
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", RESOLVE_TIMEOUT.as_secs())),
+            };
+        let publish = match (&answer, &current) {
+            (Ok(a), None) => {
+                info!(local_addr = %addr, resolved = ?a, "service host name resolved");
+                true
+            }
+            (Ok(a), Some(old)) if a != old => {
+                info!(local_addr = %addr, resolved = ?a, previous = ?old, "service host name now resolves elsewhere");
+                true
+            }
+            (Ok(_), Some(_)) => false,
+            (Err(e), None) => {
+                if said.as_deref() != Some(e) {
+                    warn!(local_addr = %addr, "service host name does not resolve: {e}; its streams are refused; retrying every {} s", RESOLVE_RETRY.as_secs());
+                } else {
+                    debug!(local_addr = %addr, "service host name still does not resolve: {e}");
+                }
+                true
+            }
+            (Err(e), Some(old)) => {
+                if said.as_deref() != Some(e) {
+                    warn!(local_addr = %addr, using = ?old, "service host name lookup failed: {e}; keeping the last address; retrying every {} s", RESOLVE_RETRY.as_secs());
+                }
+                false
+            }
+        };
+        match &answer {
+            Ok(a) => {
+                current = Some(a.clone());
+                said = None;
+            }
+            Err(e) => said = Some(e.clone()),
+        }
+        if publish {
+            for shard in 0..shards.len() {
+                let mut cmd = ShardCommand::ServiceAddr {
+                    addr: addr.clone(),
+                    resolved: answer.clone(),
+                };
+                // A full queue means a flooded shard; it drains within milliseconds.
+                for _ in 0..1000 {
+                    match shards.send(shard, cmd) {
+                        Ok(()) => break,
+                        Err(c) => {
+                            cmd = c;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(tx) = first.take() {
+            let _ = tx.send(()).await;
+        }
+        let next = if answer.is_ok() {
+            RESOLVE_EVERY
+        } else {
+            RESOLVE_RETRY
+        };
+        tokio::time::sleep(next).await;
     }
 }
 

@@ -17,6 +17,8 @@ use crate::server::Server;
 pub struct PairSpec<'a> {
     /// Services as (name, local address the client forwards to).
     pub services: &'a [(&'a str, SocketAddr)],
+    /// Services whose `local_addr` is given as text (a host name and port), after `services`.
+    pub host_services: &'a [(&'a str, &'a str)],
     /// Encrypt the session (self-signed certificate, pinned by the client).
     pub tls: bool,
     /// Shards on each side.
@@ -33,6 +35,7 @@ impl Default for PairSpec<'_> {
     fn default() -> Self {
         PairSpec {
             services: &[],
+            host_services: &[],
             tls: false,
             shards: 1,
             sessions: None,
@@ -66,7 +69,8 @@ impl Pair {
              [server.clients.loopback]\ntoken = \"loopback-token\"\n",
             state.display()
         );
-        for (name, _) in spec.services {
+        let names = spec.services.iter().map(|(n, _)| n);
+        for name in names.chain(spec.host_services.iter().map(|(n, _)| n)) {
             server_toml += &format!("[server.services.{name}]\nbind_addr = \"127.0.0.1:0\"\n");
         }
         server_toml += &format!(
@@ -92,6 +96,9 @@ impl Pair {
             server.session_addr
         );
         for (name, addr) in spec.services {
+            client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n");
+        }
+        for (name, addr) in spec.host_services {
             client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n");
         }
         client_toml += &format!(

@@ -65,6 +65,9 @@ on_both_backends! {
     sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero
         => sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_compat,
            sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_uring;
+    services_named_by_host_name_are_dialled_and_one_that_does_not_resolve_refuses_only_its_streams
+        => services_named_by_host_name_are_dialled_and_one_that_does_not_resolve_refuses_only_its_streams_compat,
+           services_named_by_host_name_are_dialled_and_one_that_does_not_resolve_refuses_only_its_streams_uring;
 }
 
 // ---- 1. byte-exact bulk transfer -----------------------------------------------------------
@@ -152,6 +155,96 @@ async fn tls_transport_with_pinned_self_signed_cert_carries_64_mib_byte_exact_bo
     backend: Backend,
 ) {
     bulk_transfer_is_byte_exact_both_ways(Transport::Tls, backend).await;
+}
+
+// ---- 1b. host-name services -------------------------------------------------------------
+
+/// `local_addr = "localhost:PORT"` works like the IP address (the io_uring shards dial the
+/// control plane's lookup, never the blocking resolver), and a service whose host name does
+/// not resolve refuses its own visitors while the other services keep working.
+async fn services_named_by_host_name_are_dialled_and_one_that_does_not_resolve_refuses_only_its_streams(
+    backend: Backend,
+) {
+    let stats = Arc::new(EchoStats::default());
+    let echo = echo_service(stats.clone()).await;
+    let dir = TestDir::new("host-names");
+    let server = Server::start(
+        &dir,
+        ServerSpec {
+            backend,
+            services: &["ip", "named", "nowhere"],
+            ..ServerSpec::default()
+        },
+    );
+    let config = server.client_config(&dir, &[("ip", echo), ("named", echo), ("nowhere", echo)]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let ip_line = format!("local_addr = \"{echo}\"");
+    let text = text
+        .replacen(
+            &format!("[client.services.named]\n{ip_line}"),
+            &format!(
+                "[client.services.named]\nlocal_addr = \"localhost:{}\"",
+                echo.port()
+            ),
+            1,
+        )
+        .replacen(
+            &format!("[client.services.nowhere]\n{ip_line}"),
+            "[client.services.nowhere]\nlocal_addr = \"warren-test-no-such-host.invalid:9\"",
+            1,
+        );
+    assert!(
+        text.contains("localhost:") && text.contains(".invalid:9"),
+        "{text}"
+    );
+    let config = dir.write("client.toml", &text);
+    let client = server.connect_client("client", &config, 0);
+    if backend != Backend::Compat {
+        // The io_uring client resolved both names before its sessions started.
+        let ok = client.wait_line(0, &["service host name resolved", "localhost:"], SOON);
+        let bad = client.wait_line(0, &["does not resolve", ".invalid:9"], SOON);
+        eprintln!("{ok}\n{bad}");
+    }
+
+    async fn echo_once(addr: SocketAddr, seed: u64) {
+        let payload = Pattern::bytes(seed, 4096);
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(&payload).await.unwrap();
+        sock.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        sock.read_to_end(&mut back).await.unwrap();
+        assert!(
+            back == payload,
+            "{} of 4096 bytes came back from {addr}",
+            back.len()
+        );
+    }
+    timeout(Duration::from_secs(20), async {
+        for i in 0..8 {
+            echo_once(server.public("named"), i).await;
+            echo_once(server.public("ip"), 100 + i).await;
+        }
+    })
+    .await
+    .expect("echo through the host-name service did not complete");
+
+    // The unresolvable one: each visitor is accepted and then closed, never served...
+    for _ in 0..3 {
+        let how = expect_refused(server.public("nowhere"), Duration::from_secs(20)).await;
+        eprintln!("visitor of the unresolvable service: {how}");
+    }
+    // ...and the others still work.
+    timeout(Duration::from_secs(20), async {
+        echo_once(server.public("named"), 50).await;
+        echo_once(server.public("ip"), 51).await;
+    })
+    .await
+    .expect("the other services stopped working");
+    assert_eq!(
+        stats.total.load(Ordering::SeqCst),
+        18,
+        "every echo reached the service once"
+    );
 }
 
 // ---- 2. half-close -------------------------------------------------------------------------

@@ -295,3 +295,115 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it(bac
     assert_eq!(p.inner.server.shards().total(|s| &s.visitors_unrouted), 0);
     p.inner.shutdown().await;
 }
+
+/// An echo service on an ephemeral loopback port.
+async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One echo of `payload` through `public`; None when the tunnel refused or cut the visitor.
+async fn echo_through(public: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(public).await.ok()?;
+    s.write_all(payload).await.ok()?;
+    s.shutdown().await.ok()?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.ok()?;
+    Some(back)
+}
+
+/// A loopback port nothing listens on (connecting is refused).
+fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A host name that resolves to several addresses is dialled in order: the first refuses
+/// (as `localhost` -> `::1` does for a service listening on IPv4 only), the next answers. The
+/// io_uring shards take the addresses from the control plane's lookup; here the test stands
+/// in for the resolver by sending the shard the answer itself. When no address answers, the
+/// visitor is refused and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_service_is_dialled_at_its_next_address_when_one_refuses_uring() {
+    if !require_uring() {
+        return;
+    }
+    const NAME: &str = "warren-test-multi.invalid:7";
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
+        .with_test_writer()
+        .try_init();
+    let echo = echo_service().await;
+    let p = warren::loopback::Pair::start(PairSpec {
+        services: &[("ip", echo)],
+        host_services: &[("multi", NAME)],
+        shards: 1,
+        backend: Backend::Uring,
+        ..PairSpec::default()
+    })
+    .await
+    .unwrap();
+    let publish = |addrs: Vec<SocketAddr>| {
+        let cmd = warren_dataplane::ShardCommand::ServiceAddr {
+            addr: NAME.into(),
+            resolved: Ok(addrs.into()),
+        };
+        assert!(p.client.shards().send(0, cmd).is_ok(), "shard queue full");
+    };
+    // The client's own lookup of the made-up name failed (its next try is 5 s away).
+    publish(vec![dead_port(), dead_port(), echo]);
+    let public = p.public("multi");
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let mut first = None;
+    for _ in 0..50 {
+        // The shard takes the command on its next turn: until then the name is unresolved.
+        first = echo_through(public, &payload)
+            .await
+            .filter(|b| !b.is_empty());
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        first.as_deref(),
+        Some(&payload[..]),
+        "no echo via the third address"
+    );
+    for _ in 0..5 {
+        let back = echo_through(public, &payload).await;
+        assert_eq!(
+            back.as_deref(),
+            Some(&payload[..]),
+            "echo via the fallback address"
+        );
+    }
+
+    // Every address refuses: the visitor gets no byte, and the other service still works.
+    publish(vec![dead_port(), dead_port()]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let back = echo_through(public, &payload).await.unwrap_or_default();
+    assert!(
+        back.is_empty(),
+        "{} bytes came back with no live address",
+        back.len()
+    );
+    let back = echo_through(p.public("ip"), &payload).await;
+    assert_eq!(
+        back.as_deref(),
+        Some(&payload[..]),
+        "the other service stopped working"
+    );
+    p.shutdown().await;
+}

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -523,6 +523,13 @@ struct StreamSlot {
     /// Address and timeout an in-flight connect points at.
     connect_addr: Option<Box<SockAddr>>,
     connect_timeout: Option<Box<types::Timespec>>,
+    /// Service addresses not tried yet (a host name that resolved to several), next last,
+    /// and the connect timeout of each try.
+    dial_rest: Vec<SocketAddr>,
+    dial_timeout: Duration,
+    /// The last connect failed and `dial_rest` has another address: dial it once the failed
+    /// connect and its timeout have both completed.
+    redial: bool,
     service: Arc<str>,
     recv_armed: bool,
     /// The multishot receive ran out of buffers; re-arm when some come back.
@@ -600,6 +607,9 @@ struct Shard {
     pipes: Vec<Pipe>,
     pipes_out: usize,
     rr: usize,
+    /// Host-name `local_addr`s as the control plane last resolved them
+    /// ([`ShardCommand::ServiceAddr`]); a dial never calls the blocking resolver.
+    service_addrs: HashMap<Arc<str>, Result<Arc<[SocketAddr]>, String>>,
     draining: bool,
     stopping: bool,
     dirty_sessions: Vec<Key>,
@@ -663,6 +673,7 @@ impl Shard {
             pipes: Vec::new(),
             pipes_out: 0,
             rr: 0,
+            service_addrs: HashMap::new(),
             draining: false,
             stopping: false,
             dirty_sessions: Vec::new(),
@@ -876,6 +887,9 @@ impl Shard {
                 sock,
                 peer,
             } => self.route_visitor(service, sock, peer, false),
+            ShardCommand::ServiceAddr { addr, resolved } => {
+                self.service_addrs.insert(addr, resolved);
+            }
             ShardCommand::Drain { reason } => {
                 self.draining = true;
                 for k in self.listeners.keys() {
@@ -2041,7 +2055,7 @@ impl Shard {
         };
         let sid = s.id;
         let splice = s.can_splice;
-        let addr = match resolve(&target.addr) {
+        let (addr, rest) = match service_addr(&target.addr, &self.service_addrs) {
             Ok(a) => a,
             Err(e) => {
                 warn!(session = sid, %id, %service, addr = %target.addr, "service unavailable (service side): {e}");
@@ -2051,11 +2065,7 @@ impl Shard {
                 return;
             }
         };
-        let sock = match socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM.nonblocking().cloexec(),
-            None,
-        ) {
+        let sock = match service_socket(addr) {
             Ok(s) => s,
             Err(e) => {
                 warn!(session = sid, %id, %service, "cannot create a socket for the service: {e}");
@@ -2066,7 +2076,6 @@ impl Shard {
             }
         };
         debug!(session = sid, %id, %service, ?visitor, "dialling service");
-        let sock: TcpStream = sock.into();
         let st = self.new_stream(
             k,
             id,
@@ -2082,12 +2091,23 @@ impl Shard {
         let Some(slot) = self.streams.get(st) else {
             return;
         };
+        slot.dial_rest = rest;
+        slot.dial_timeout = target.connect_timeout;
+        self.submit_connect(st, addr);
+    }
+
+    /// Submits the connect of a service stream's socket to `addr`, linked to its timeout.
+    /// The socket must have no operation in flight.
+    fn submit_connect(&mut self, st: Key, addr: SocketAddr) {
+        let Some(slot) = self.streams.get(st) else {
+            return;
+        };
         let sa = Box::new(SockAddr::from(addr));
         let (ptr, len) = (sa.as_ptr(), sa.len());
         slot.connect_addr = Some(sa);
         slot.inflight += 2;
         let fd = slot.sock.as_raw_fd();
-        let ts = Box::new(types::Timespec::from(target.connect_timeout));
+        let ts = Box::new(types::Timespec::from(slot.dial_timeout));
         let ts_ptr: *const types::Timespec = &*ts;
         slot.connect_timeout = Some(ts);
         let connect = opcode::Connect::new(types::Fd(fd), ptr.cast(), len)
@@ -2099,6 +2119,36 @@ impl Shard {
             .user_data(user_data(Op::ConnectTimeout, st));
         self.push(&connect);
         self.push(&timeout);
+    }
+
+    /// A connect failed and the service has another address: once the failed try is over
+    /// (its connect and its timeout both completed), dial the next address on a new socket.
+    fn redial_if_ready(&mut self, k: Key) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        if !st.redial || st.inflight > 0 || st.closing.is_some() {
+            return;
+        }
+        st.redial = false;
+        let Some(addr) = st.dial_rest.pop() else {
+            return;
+        };
+        match service_socket(addr) {
+            Ok(sock) => {
+                let _ = sock.set_nodelay(true);
+                // The old socket has nothing in flight: dropping it closes it.
+                st.sock = sock;
+                self.submit_connect(k, addr);
+            }
+            Err(e) => {
+                let (sk, id, service) = (st.session, st.id, st.service.clone());
+                if let Some(s) = self.sessions.get(sk) {
+                    warn!(session = s.id, %id, %service, "cannot create a socket for the service: {e}");
+                }
+                self.close_stream(k, false, Some(ResetCode::ServiceUnavailable));
+            }
+        }
     }
 
     // ----- streams -------------------------------------------------------------------------
@@ -2128,6 +2178,9 @@ impl Shard {
             state,
             connect_addr: None,
             connect_timeout: None,
+            dial_rest: Vec::new(),
+            dial_timeout: Duration::ZERO,
+            redial: false,
             service,
             recv_armed: false,
             starved: false,
@@ -2178,6 +2231,15 @@ impl Shard {
             } else {
                 io::Error::from_raw_os_error(-res).to_string()
             };
+            if !st.dial_rest.is_empty() {
+                // A host name with more addresses (say ::1 and 127.0.0.1): try the next.
+                st.redial = true;
+                if let Some(s) = self.sessions.get(sk) {
+                    debug!(session = s.id, %id, %service, "service address failed ({why}); trying the next");
+                }
+                self.redial_if_ready(k);
+                return;
+            }
             if let Some(s) = self.sessions.get(sk) {
                 warn!(session = s.id, %id, %service, "service unavailable (service side): {why}");
             }
@@ -2925,6 +2987,7 @@ impl Shard {
                         st.connect_timeout = None;
                     }
                     self.dirty_streams.push(k);
+                    self.redial_if_ready(k);
                 }
             }
             Op::Cancel => {}
@@ -3119,13 +3182,32 @@ fn feed_tls(tls: &mut rustls::Connection, mut data: &[u8], plain: &mut BytesMut)
     Ok(())
 }
 
-/// A service address: parsed directly when it is an IP:port (the usual case), otherwise
-/// resolved through the system resolver (blocking, once per dial).
-fn resolve(addr: &str) -> io::Result<SocketAddr> {
+/// A service address: parsed directly when it is an IP:port (the usual case), otherwise the
+/// control plane's latest answer for the host name. The shard never resolves: the system
+/// resolver blocks, and a slow DNS answer would stall every stream on the core.
+/// Returns the address to dial first and the others to try after it, next last (a host
+/// name's addresses are tried in the resolver's order; no allocation for a single one).
+fn service_addr(
+    addr: &str,
+    resolved: &HashMap<Arc<str>, Result<Arc<[SocketAddr]>, String>>,
+) -> Result<(SocketAddr, Vec<SocketAddr>), String> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
-        return Ok(a);
+        return Ok((a, Vec::new()));
     }
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
+    match resolved.get(addr) {
+        Some(Ok(a)) if !a.is_empty() => Ok((a[0], a[1..].iter().rev().copied().collect())),
+        Some(Ok(_)) => Err("host name has no addresses".to_string()),
+        Some(Err(e)) => Err(format!("host name does not resolve: {e}")),
+        None => Err("host name not resolved yet".to_string()),
+    }
+}
+
+/// A non-blocking socket of `addr`'s family, for a service dial.
+fn service_socket(addr: SocketAddr) -> io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    Ok(sock.into())
 }
