@@ -132,6 +132,10 @@ pub struct ShardStats {
     pub visitors_accepted: AtomicU64,
     /// Visitors closed because no session offered their service.
     pub visitors_unrouted: AtomicU64,
+    /// Slots of the io_uring registered-file table in use (listeners and sessions; always 0
+    /// on compat). A socket that closes without giving its slot back shows here, and its
+    /// connection stays open in the kernel.
+    pub registered_files: AtomicU64,
 }
 
 /// What one session last published into its shard's [`ShardStats`]: the driver hands it each

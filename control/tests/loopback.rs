@@ -296,6 +296,43 @@ async fn a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it(bac
     p.inner.shutdown().await;
 }
 
+/// Listeners and sessions hold slots of the ring's registered-file table; a session that
+/// ends must give its slot back (the table holds a reference to the socket: a slot kept
+/// would keep the connection open in the kernel and, over reconnects, fill the table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_give_back_their_registered_file_slots_uring() {
+    if !require_uring() {
+        return;
+    }
+    let service = source_service().await;
+    let p = start_pair(Backend::Uring, service, 2).await;
+    let server = || p.inner.server.shards().total(|s| &s.registered_files);
+    let client = || p.inner.client.shards().total(|s| &s.registered_files);
+    settle(|| p.inner.server.shards().total(|s| &s.sessions) == 2).await;
+    // Two shards a side: a listener and a session per server shard, a session per client one.
+    settle(|| server() == 4 && client() == 2).await;
+    assert_eq!(
+        (server(), client()),
+        (4, 2),
+        "slots (server, client) with two sessions up"
+    );
+    assert_eq!(download(p.public, 4 << 20).await, 4 << 20);
+
+    let warren::loopback::Pair {
+        server: srv,
+        client: cli,
+    } = p.inner;
+    cli.shutdown().await;
+    settle(|| srv.shards().total(|s| &s.sessions) == 0).await;
+    settle(|| srv.shards().total(|s| &s.registered_files) == 2).await;
+    assert_eq!(
+        srv.shards().total(|s| &s.registered_files),
+        2,
+        "after the sessions ended the server holds only its two listeners' slots"
+    );
+    srv.shutdown().await;
+}
+
 /// An echo service on an ephemeral loopback port.
 async fn echo_service() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

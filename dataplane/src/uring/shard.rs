@@ -777,7 +777,10 @@ impl Shard {
     fn fixed_register(&mut self, fd: i32) -> Option<u32> {
         let slot = self.fixed_free.pop()?;
         match self.ring.submitter().register_files_update(slot, &[fd]) {
-            Ok(_) => Some(slot),
+            Ok(_) => {
+                self.stats.registered_files.fetch_add(1, Ordering::Relaxed);
+                Some(slot)
+            }
             Err(e) => {
                 debug!(
                     shard = self.index,
@@ -794,7 +797,10 @@ impl Shard {
     fn fixed_release(&mut self, slot: Option<u32>) {
         let Some(slot) = slot else { return };
         match self.ring.submitter().register_files_update(slot, &[-1]) {
-            Ok(_) => self.fixed_free.push(slot),
+            Ok(_) => {
+                self.stats.registered_files.fetch_sub(1, Ordering::Relaxed);
+                self.fixed_free.push(slot);
+            }
             // The slot keeps its file until the ring goes; never hand it out again.
             Err(e) => warn!(shard = self.index, "unregistering a file failed: {e}"),
         }
