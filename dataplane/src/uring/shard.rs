@@ -58,6 +58,8 @@ const RX_QUIET_SWITCH: u32 = 32;
 /// A spliced stream in its small-message phase reads up to this many bytes into memory per
 /// readiness: one `recv` instead of splice in, header send, splice out and a final EAGAIN.
 const SMALL_READ: usize = 16 * 1024;
+/// Most a new visitor's first read takes (see `first_read`); on the shard's stack.
+const FIRST_READ: usize = 16 * 1024;
 /// Bytes a session reads or splices per turn before letting the rest of the shard run.
 const RX_BUDGET: usize = 4 * 1024 * 1024;
 /// How often `WARREN_DUMP_SHARDS` logs every slot's state.
@@ -983,6 +985,38 @@ impl Shard {
         }
     }
 
+    /// Reads what a new visitor has already sent, before its first session flush: a visitor
+    /// that speaks first (HTTP, a TLS hello) has usually sent its request by the time the
+    /// accept completes, and its bytes then leave in the same session send as the OPEN frame:
+    /// one session send and one wake of the client fewer per connection. Nothing there
+    /// (EAGAIN; SSH-like protocols where the service speaks first) costs one syscall; the
+    /// multishot receive armed next takes everything after.
+    fn first_read(&mut self, k: Key) {
+        let Some(st) = self.streams.get(k) else {
+            return;
+        };
+        let mut buf = [0u8; FIRST_READ];
+        // SAFETY: recv into a stack buffer of its length, on a socket the slot owns.
+        let n = unsafe {
+            libc::recv(
+                st.sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                let n = n as usize;
+                st.held.push_back(Bytes::copy_from_slice(&buf[..n]));
+                st.held_bytes += n;
+            }
+            0 => st.read_eof = true,
+            // EAGAIN, or an error the receive armed next reports.
+            _ => {}
+        }
+    }
+
     /// Serves a visitor through a session on this shard, or hands it to a shard that has one.
     fn route_visitor(
         &mut self,
@@ -1026,6 +1060,7 @@ impl Shard {
                     if let Some(s) = self.sessions.get(sk) {
                         s.streams.insert(id, st);
                     }
+                    self.first_read(st);
                     self.dirty_sessions.push(sk);
                     self.dirty_streams.push(st);
                     return;
