@@ -280,9 +280,34 @@ class Ferro(System):
                                     "--no-dashboard"], d, env))
 
 
+class RelayFloor(System):
+    """`conn_relay` (perf/src/bin/conn_relay.rs) on each public port, forwarding to its backend: one
+    process per backend kind, each with one event loop per CPU this process may run on
+    (`--threads`, SO_REUSEPORT listeners). One relay hop with nothing a tunnel adds (a tunnel has
+    at least two hops, plus framing and a session): a floor for every workload, not a tunnel."""
+    name = "relay-floor"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.threads = len(os.sched_getaffinity(0))
+        n = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        self.label = f"conn_relay (minimal epoll relay, {n}; a floor, not a tunnel)"
+
+    def available(self):
+        b = self.ctx.get("conn_relay")
+        return None if b and os.path.exists(b) else "conn_relay not built (cargo build --release -p warren-perf)"
+
+    def _start(self, base_port):
+        for k in BACKENDS:
+            self.procs.append(Proc(f"relay-floor-{k}",
+                                   [self.ctx["conn_relay"], "--listen", f"127.0.0.1:{self.public[k]}",
+                                    "--to", f"127.0.0.1:{self.ctx['backends'][k]}",
+                                    "--threads", str(self.threads)], self.dir))
+
+
 def all_systems(ctx):
     return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
-            Warren(ctx, "tcp", variant="nopoll")]
+            Warren(ctx, "tcp", variant="nopoll"), RelayFloor(ctx)]
