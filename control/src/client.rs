@@ -244,6 +244,7 @@ async fn keep_resolved(
             }
             Err(e) => said = Some(e.clone()),
         }
+        let mut publish_failed = false;
         if publish {
             for shard in 0..shards.len() {
                 let mut cmd = ShardCommand::ServiceAddr {
@@ -251,21 +252,33 @@ async fn keep_resolved(
                     resolved: answer.clone(),
                 };
                 // A full queue means a flooded shard; it drains within milliseconds.
+                let mut sent = false;
                 for _ in 0..1000 {
                     match shards.send(shard, cmd) {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            sent = true;
+                            break;
+                        }
                         Err(c) => {
                             cmd = c;
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
                 }
+                if !sent {
+                    // Forgetting `current` makes the next lookup publish again.
+                    warn!(local_addr = %addr, shard, "shard command queue stayed full for 1 s; its service address update is late");
+                    publish_failed = true;
+                }
             }
         }
         if let Some(tx) = first.take() {
             let _ = tx.send(()).await;
         }
-        let next = if answer.is_ok() {
+        if publish_failed {
+            current = None;
+        }
+        let next = if answer.is_ok() && !publish_failed {
             RESOLVE_EVERY
         } else {
             RESOLVE_RETRY
