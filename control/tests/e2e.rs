@@ -62,6 +62,9 @@ on_both_backends! {
     bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working
         => bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working_compat,
            bad_session_peers_are_refused_with_clear_errors_while_a_live_session_keeps_working_uring;
+    a_client_that_dies_inside_a_data_frame_resets_the_visitor_of_that_stream
+        => a_client_that_dies_inside_a_data_frame_resets_the_visitor_of_that_stream_compat,
+           a_client_that_dies_inside_a_data_frame_resets_the_visitor_of_that_stream_uring;
     sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero
         => sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_compat,
            sigterm_lets_the_open_stream_finish_refuses_new_visitors_and_exits_zero_uring;
@@ -525,6 +528,15 @@ async fn raw_handshake(
     addr: SocketAddr,
     token: &str,
 ) -> (TcpStream, Result<(Accepted, BytesMut), HandshakeError>) {
+    raw_handshake_offering(addr, token, &[]).await
+}
+
+/// [`raw_handshake`] for a client that offers `services`.
+async fn raw_handshake_offering(
+    addr: SocketAddr,
+    token: &str,
+    services: &[&str],
+) -> (TcpStream, Result<(Accepted, BytesMut), HandshakeError>) {
     let mut sock = TcpStream::connect(addr)
         .await
         .expect("connecting to the session port");
@@ -533,7 +545,7 @@ async fn raw_handshake(
         token: Token::new(token.as_bytes()),
         instance_id: 0x0e2e_0e2e,
         session_index: 0,
-        services: Vec::new(),
+        services: services.iter().map(|s| s.to_string()).collect(),
         params: raw_params(),
     });
     let mut input = BytesMut::new();
@@ -761,6 +773,80 @@ async fn bad_session_peers_are_refused_with_clear_errors_while_a_live_session_ke
     .await
     .expect("a new visitor was not served");
     assert!(back == message, "echo after the bad peers differs");
+}
+
+/// A client (played by hand) that dies after a DATA frame's header and the first kilobyte of its
+/// payload. The server reads such a payload straight into the stream's pipe on the io_uring
+/// backend; the stream that waited for that pipe must still close, so its visitor learns the
+/// stream is gone instead of hanging.
+async fn a_client_that_dies_inside_a_data_frame_resets_the_visitor_of_that_stream(
+    backend: Backend,
+) {
+    let dir = TestDir::new("dies-mid-frame");
+    let server = Server::start(
+        &dir,
+        ServerSpec {
+            backend,
+            services: &["web"],
+            ..ServerSpec::default()
+        },
+    );
+    let mark = server.proc.mark();
+    let (mut session, result) = raw_handshake_offering(server.session_addr, TOKEN, &["web"]).await;
+    let (accepted, mut input) = result.expect("the right token is accepted");
+    // The service is on the route board once the shard runs the session.
+    server.proc.wait_line(mark, &["session running"], SOON);
+    assert!(
+        accepted.params.max_frame_payload >= 65536,
+        "the server's maximum payload is {}",
+        accepted.params.max_frame_payload
+    );
+
+    let mut visitor = TcpStream::connect(server.public("web")).await.unwrap();
+    let stream = timeout(SOON, async {
+        loop {
+            while let Some(frame) = Frame::decode(&mut input, raw_params().max_frame_payload)
+                .unwrap_or_else(|e| panic!("the server sent an undecodable frame: {e}"))
+            {
+                if let Frame::Open {
+                    stream, service, ..
+                } = frame
+                {
+                    assert_eq!(service, "web");
+                    return stream;
+                }
+            }
+            let n = session.read_buf(&mut input).await.unwrap();
+            assert!(
+                n > 0,
+                "the server closed the session before opening the stream"
+            );
+        }
+    })
+    .await
+    .expect("the server never opened a stream for the visitor");
+
+    // 64 KiB announced, 1 KiB sent; then the client is gone.
+    let mut partial = data_header(stream, 65536).to_vec();
+    partial.extend_from_slice(&Pattern::bytes(7, 1024));
+    session.write_all(&partial).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(session);
+
+    let mut got = Vec::new();
+    let end = timeout(Duration::from_secs(5), visitor.read_to_end(&mut got))
+        .await
+        .expect("the visitor's connection stayed open after its client died inside a frame");
+    eprintln!(
+        "visitor got {} bytes, then {:?}",
+        got.len(),
+        end.map(|_| "EOF")
+    );
+    assert!(
+        got.len() <= 1024 && got[..] == Pattern::bytes(7, 1024)[..got.len()],
+        "the visitor got {} bytes that are not the start of the payload",
+        got.len()
+    );
 }
 
 // ---- 6. config check -------------------------------------------------------------------------

@@ -2069,6 +2069,14 @@ impl Shard {
         if let Some(done) = s.done {
             let _ = done.send(SessionEnd { error: why });
         }
+        // A closing stream whose pipe was mid-frame waited for this session to let go of it
+        // (`finish_close`); nothing else would wake it, and its socket would stay open.
+        let held = s.splice.map(|sp| sp.stream).into_iter();
+        for st in held.chain(s.rx_splice.map(|r| r.stream)) {
+            if self.streams.get(st).is_some_and(|st| st.closing.is_some()) {
+                self.finish_close(st);
+            }
+        }
     }
 
     fn open_service_stream(
