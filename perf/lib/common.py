@@ -65,9 +65,10 @@ def raise_nofile(n=65536):
 
 
 def build_release():
-    """Builds warren and every bin of warren-perf (release: warren-load, conn_relay, splice_relay);
-    returns the paths of warren and warren-load (the other warren-perf bins are next to it)."""
-    log("building warren and warren-perf (release: warren-load, conn_relay, splice_relay)")
+    """Builds warren and every bin of warren-perf (release: warren-load, conn_relay, mux_relay,
+    splice_relay); returns the paths of warren and warren-load (the other warren-perf bins are next
+    to it)."""
+    log("building warren and warren-perf (release: warren-load, conn_relay, mux_relay, splice_relay)")
     r = subprocess.run(
         ["nice", "-n", "19", "cargo", "build", "--release", "-p", "warren", "-p", "warren-perf"],
         cwd=REPO,

@@ -4,6 +4,7 @@ Every system exposes the three warren-load backends (sink, echo, http) on three 
 `start()` returns once a probe round trip works through each public port.
 """
 
+import json
 import os
 import re
 import shutil
@@ -305,9 +306,72 @@ class RelayFloor(System):
                                     "--threads", str(self.threads)], self.dir))
 
 
+class MuxFloor(System):
+    """`mux_relay` (perf/src/bin/mux_relay.rs) on each public port: a server process that starts its
+    own client process, the two joined by one session that carries every visitor as a stream
+    (8-byte frames, one epoll loop per process). One per backend kind, as relay-floor. The cheapest
+    multiplexed two-process tunnel: a floor for warren-like tunnels, not a tunnel (no flow control
+    beyond TCP's, no authentication)."""
+    name = "mux-floor"
+    label = "mux_relay (minimal multiplexed tunnel: server + client process, 1 session; a floor, not a tunnel)"
+
+    def available(self):
+        b = self.ctx.get("mux_relay")
+        return None if b and os.path.exists(b) else "mux_relay not built (cargo build --release -p warren-perf)"
+
+    def _start(self, base_port):
+        for k in BACKENDS:
+            self.procs.append(Proc(f"mux-floor-{k}",
+                                   [self.ctx["mux_relay"], "--listen", f"127.0.0.1:{self.public[k]}",
+                                    "--to", f"127.0.0.1:{self.ctx['backends'][k]}"], self.dir))
+
+    def pids(self):
+        """Each mux_relay's server process and the client process it started: the tunnel's CPU and
+        RSS are both processes'."""
+        pids = []
+        for p in self.procs:
+            pids.append(p.pid)
+            c = self._client_pid(p)
+            if c:
+                pids.append(c)
+        return pids
+
+    @staticmethod
+    def _client_pid(p):
+        """The client's pid from the server's ready line (`client_pid`), checked against
+        /proc/PID/stat's parent; else the server's only child in /proc."""
+        if getattr(p, "client_pid", None):
+            return p.client_pid
+        pid = None
+        for line in p.log_text().splitlines():
+            if line.startswith("{") and '"ready"' in line:
+                try:
+                    pid = json.loads(line).get("client_pid")
+                except ValueError:
+                    pass
+                break
+        if not pid:
+            try:
+                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+                pid = kids[0] if len(kids) == 1 else None
+            except (OSError, ValueError):
+                pid = None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+            if pid and int(st[st.rindex(")") + 2:].split()[1]) == p.pid:
+                p.client_pid = pid
+                return pid
+        except (OSError, ValueError, TypeError):
+            pass
+        log(f"{p.name}: client process not found; its CPU and RSS are not counted")
+        return None
+
+
 def all_systems(ctx):
     return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
-            Warren(ctx, "tcp", variant="nopoll"), RelayFloor(ctx)]
+            Warren(ctx, "tcp", variant="nopoll"), RelayFloor(ctx), MuxFloor(ctx)]
