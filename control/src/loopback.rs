@@ -29,6 +29,8 @@ pub struct PairSpec<'a> {
     pub tuning: &'a str,
     /// Data plane of both ends (`tuning.backend`); `auto` by default.
     pub backend: Backend,
+    /// Extra lines for every `[client.services.NAME]` table (e.g. `connect_timeout_ms = 300`).
+    pub client_service_lines: &'a str,
 }
 
 impl Default for PairSpec<'_> {
@@ -41,6 +43,7 @@ impl Default for PairSpec<'_> {
             sessions: None,
             tuning: "",
             backend: Backend::Auto,
+            client_service_lines: "",
         }
     }
 }
@@ -95,11 +98,12 @@ impl Pair {
              transport = \"{transport}\"\n{pin}{sessions}",
             server.session_addr
         );
+        let extra = spec.client_service_lines;
         for (name, addr) in spec.services {
-            client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n");
+            client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n{extra}\n");
         }
         for (name, addr) in spec.host_services {
-            client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n");
+            client_toml += &format!("[client.services.{name}]\nlocal_addr = \"{addr}\"\n{extra}\n");
         }
         client_toml += &format!(
             "[client.tuning]\nshards = {}\nbackend = \"{}\"\n{}\n",

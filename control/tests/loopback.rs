@@ -131,6 +131,9 @@ on_both_backends! {
     a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it
         => a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it_compat,
            a_visitor_on_a_shard_without_a_session_is_handed_to_one_that_has_it_uring;
+    a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout
+        => a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout_compat,
+           a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout_uring;
 }
 
 async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window(
@@ -358,6 +361,95 @@ async fn echo_through(public: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
     let mut back = Vec::new();
     s.read_to_end(&mut back).await.ok()?;
     Some(back)
+}
+
+/// A loopback address whose connects get no answer: a listener with a backlog of 0 that never
+/// accepts, its accept queue filled by the test, so the kernel drops every further SYN. Returns
+/// the listener and the connections that fill it (keep them alive).
+async fn silent_service() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fill.push(s),
+            Ok(Err(e)) => panic!("filling the silent service's queue: {e}"),
+            // This connect got no answer: the queue is full.
+            Err(_) => return (l, addr, fill),
+        }
+    }
+    panic!("16 connections to a listener with backlog 0 all completed");
+}
+
+/// A service whose connect never completes: the stream is reset once the service's
+/// `connect_timeout_ms` has passed (not at once, not never), and the other service on the same
+/// session keeps working.
+async fn a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout(
+    backend: Backend,
+) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WARREN_LOG"))
+        .with_test_writer()
+        .try_init();
+    const TIMEOUT: Duration = Duration::from_millis(400);
+    let (_listener, silent, _fill) = silent_service().await;
+    let echo = echo_service().await;
+    let lines = format!("connect_timeout_ms = {}", TIMEOUT.as_millis());
+    let p = warren::loopback::Pair::start(PairSpec {
+        services: &[("echo", echo), ("silent", silent)],
+        shards: 1,
+        backend,
+        client_service_lines: &lines,
+        ..PairSpec::default()
+    })
+    .await
+    .unwrap();
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+
+    // Two visitors of the silent service at once: each is given up on its own.
+    let started = tokio::time::Instant::now();
+    let visitors: Vec<_> = (0..2)
+        .map(|_| {
+            let public = p.public("silent");
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                let back = echo_through(public, &payload).await.unwrap_or_default();
+                (back.len(), started.elapsed())
+            })
+        })
+        .collect();
+    // Meanwhile the echo service works.
+    let back = echo_through(p.public("echo"), &payload).await;
+    assert_eq!(
+        back.as_deref(),
+        Some(&payload[..]),
+        "echo while a dial hangs"
+    );
+    for v in visitors {
+        let (got, after) = tokio::time::timeout(Duration::from_secs(10), v)
+            .await
+            .expect("a visitor of a silent service was never given up")
+            .unwrap();
+        assert_eq!(
+            got, 0,
+            "{got} bytes came back from a service that never answered"
+        );
+        assert!(
+            after >= TIMEOUT - Duration::from_millis(50),
+            "the visitor was given up after {after:?}, before the {TIMEOUT:?} connect timeout"
+        );
+        eprintln!("visitor of the silent service ended after {after:?}");
+    }
+    let back = echo_through(p.public("echo"), &payload).await;
+    assert_eq!(
+        back.as_deref(),
+        Some(&payload[..]),
+        "echo after the timeouts"
+    );
+    p.shutdown().await;
 }
 
 /// A loopback port nothing listens on (connecting is refused).

@@ -214,6 +214,24 @@ impl<T> Slab<T> {
         }
     }
 
+    /// Occupied entries with their keys, without collecting them (the loop's per-turn scans).
+    fn iter_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> {
+        self.entries
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, (g, v))| {
+                v.as_mut().map(|v| {
+                    (
+                        Key {
+                            index: i as u32,
+                            gen: *g,
+                        },
+                        v,
+                    )
+                })
+            })
+    }
+
     fn keys(&self) -> Vec<Key> {
         self.entries
             .iter()
@@ -612,6 +630,8 @@ struct Shard {
     /// Host-name `local_addr`s as the control plane last resolved them
     /// ([`ShardCommand::ServiceAddr`]); a dial never calls the blocking resolver.
     service_addrs: HashMap<Arc<str>, Result<Arc<[SocketAddr]>, String>>,
+    /// `route_visitor`'s candidate sessions, kept so routing a visitor allocates nothing.
+    route_scratch: Vec<Key>,
     draining: bool,
     stopping: bool,
     dirty_sessions: Vec<Key>,
@@ -676,6 +696,7 @@ impl Shard {
             pipes_out: 0,
             rr: 0,
             service_addrs: HashMap::new(),
+            route_scratch: Vec::new(),
             draining: false,
             stopping: false,
             dirty_sessions: Vec::new(),
@@ -1025,50 +1046,50 @@ impl Shard {
         peer: SocketAddr,
         may_hand_off: bool,
     ) {
-        let candidates: Vec<Key> = self
-            .sessions
-            .keys()
-            .into_iter()
-            .filter(|k| {
-                self.sessions.get(*k).is_some_and(|s| {
-                    s.ending.is_none()
-                        && matches!(&s.role, SessionRole::Server { services } if services.iter().any(|x| **x == *service))
-                })
-            })
-            .collect();
+        // A scratch list kept across visitors: no allocation per connection.
+        let mut candidates = std::mem::take(&mut self.route_scratch);
+        candidates.clear();
+        candidates.extend(self.sessions.iter_mut().filter_map(|(k, s)| {
+            (s.ending.is_none()
+                && matches!(&s.role, SessionRole::Server { services } if services.iter().any(|x| **x == *service)))
+            .then_some(k)
+        }));
         let start = self.rr;
         self.rr = self.rr.wrapping_add(1);
-        let mut sock = Some(sock);
-        for i in 0..candidates.len() {
-            let sk = candidates[(start + i) % candidates.len()];
+        let n = candidates.len();
+        let mut opened = None;
+        for i in 0..n {
+            let sk = candidates[(start + i) % n];
             let Some(s) = self.sessions.get(sk) else {
                 continue;
             };
             match s.core.open_stream(&service, Some(peer)) {
                 Ok(id) => {
-                    let splice = s.can_splice;
-                    let Some(sock) = sock.take() else { return };
-                    let st = self.new_stream(
-                        sk,
-                        id,
-                        sock,
-                        LocalEnd::Visitor,
-                        service.clone(),
-                        StreamState::Open,
-                        splice,
-                    );
-                    if let Some(s) = self.sessions.get(sk) {
-                        s.streams.insert(id, st);
-                    }
-                    self.first_read(st);
-                    self.dirty_sessions.push(sk);
-                    self.dirty_streams.push(st);
-                    return;
+                    opened = Some((sk, id, s.can_splice));
+                    break;
                 }
                 Err(e) => debug!(session = s.id, %service, "cannot open stream: {e}"),
             }
         }
-        let Some(sock) = sock else { return };
+        self.route_scratch = candidates;
+        if let Some((sk, id, splice)) = opened {
+            let st = self.new_stream(
+                sk,
+                id,
+                sock,
+                LocalEnd::Visitor,
+                service,
+                StreamState::Open,
+                splice,
+            );
+            if let Some(s) = self.sessions.get(sk) {
+                s.streams.insert(id, st);
+            }
+            self.first_read(st);
+            self.dirty_sessions.push(sk);
+            self.dirty_streams.push(st);
+            return;
+        }
         if may_hand_off {
             if let Some(other) = self.board.find_other(&service, self.index) {
                 let cmd = ShardCommand::Visitor {
@@ -3083,15 +3104,13 @@ impl Shard {
 
     fn next_deadline(&mut self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
-        for k in self.sessions.keys() {
-            if let Some(s) = self.sessions.get(k) {
-                let d = match &s.ending {
-                    Some((_, d)) => Some(*d),
-                    None => s.core.poll_timeout(),
-                };
-                if let Some(d) = d {
-                    next = Some(next.map_or(d, |n| n.min(d)));
-                }
+        for (_, s) in self.sessions.iter_mut() {
+            let d = match &s.ending {
+                Some((_, d)) => Some(*d),
+                None => s.core.poll_timeout(),
+            };
+            if let Some(d) = d {
+                next = Some(next.map_or(d, |n| n.min(d)));
             }
         }
         if !self.dirty_sessions.is_empty() || !self.dirty_streams.is_empty() {
@@ -3128,16 +3147,14 @@ impl Shard {
             self.dump_state();
             self.last_dump = Some(now);
         }
-        for k in self.sessions.keys() {
-            if let Some(s) = self.sessions.get(k) {
-                match &s.ending {
-                    Some((_, d)) if *d <= now => self.dirty_sessions.push(k),
-                    Some(_) => {}
-                    None => {
-                        if s.core.poll_timeout().is_some_and(|d| d <= now) {
-                            let _ = s.core.handle_timeout(now);
-                            self.dirty_sessions.push(k);
-                        }
+        for (k, s) in self.sessions.iter_mut() {
+            match &s.ending {
+                Some((_, d)) if *d <= now => self.dirty_sessions.push(k),
+                Some(_) => {}
+                None => {
+                    if s.core.poll_timeout().is_some_and(|d| d <= now) {
+                        let _ = s.core.handle_timeout(now);
+                        self.dirty_sessions.push(k);
                     }
                 }
             }
