@@ -50,12 +50,30 @@ pub struct Shards {
     board: Arc<RouteBoard>,
 }
 
+/// glibc gives freed heap back to the kernel (`madvise`) as soon as 128 KiB lie free at the top
+/// of an arena, and the next allocation faults those pages in again: on the copy path (TLS
+/// sessions, an empty pipe pool) that was 221-865 `madvise` calls per GiB and 7% of the
+/// server's samples in page faults (perf/results/2026-12-02-c200aedd18-bulk-up-vs-mux/). Keep
+/// up to 8 MiB free per arena, and serve allocations below 4 MiB from the heap, not `mmap`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_heap_resident() {
+    // SAFETY: mallopt only sets allocator parameters; it takes glibc's own lock.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
+#[cfg(all(target_os = "linux", not(target_env = "gnu")))]
+fn keep_heap_resident() {}
+
 impl Shards {
     /// Starts the shard threads. Fails when a ring cannot be set up (call [`probe`] first to
     /// learn why in a form fit for a log line).
     pub fn start(cfg: UringConfig, board: Arc<RouteBoard>) -> io::Result<Shards> {
         #[cfg(target_os = "linux")]
         {
+            keep_heap_resident();
             let (inner, stats) = uring::shard::ShardSet::start(cfg, board.clone())?;
             Ok(Shards {
                 inner,
