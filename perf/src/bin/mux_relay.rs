@@ -84,7 +84,12 @@ fn main() -> std::process::ExitCode {
 }
 
 #[cfg(target_os = "linux")]
+#[path = "../relay_sys.rs"]
+mod relay_sys;
+
+#[cfg(target_os = "linux")]
 mod linux {
+    use crate::relay_sys::{cvt, ep_add, set_int, so_error, sockaddr};
     use std::collections::HashMap;
     use std::io;
     use std::mem::{size_of, take, zeroed};
@@ -1400,13 +1405,6 @@ mod linux {
         Ok(unsafe { OwnedFd::from_raw_fd(ep as RawFd) })
     }
 
-    fn ep_add(ep: RawFd, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: ev is a valid epoll_event for the call.
-        cvt(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } as isize)?;
-        Ok(())
-    }
-
     /// Waits up to `ms` for `fd` to be readable.
     fn poll_in(fd: RawFd, ms: libc::c_int) -> Result<bool> {
         let mut p = libc::pollfd {
@@ -1470,80 +1468,10 @@ mod linux {
         Ok(listener)
     }
 
-    fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
-        let len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v is a valid c_int of `len` bytes for the call.
-        let r = unsafe { libc::setsockopt(fd, level, name, (&raw const v).cast(), len) };
-        cvt(r as isize).map(drop)
-    }
-
-    /// The pending error of a socket (why its connect failed).
-    fn so_error(fd: RawFd) -> io::Error {
-        let (mut v, mut len) = (
-            0 as libc::c_int,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        // SAFETY: v and len are valid out-parameters of the right size.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&raw mut v).cast(),
-                &mut len,
-            )
-        };
-        match (r, v) {
-            (0, 0) => io::Error::other("connection closed before it was established"),
-            (0, v) => io::Error::from_raw_os_error(v),
-            _ => io::Error::last_os_error(),
-        }
-    }
-
     fn close(fd: RawFd) {
         if fd >= 0 {
             // SAFETY: the fd belongs to a stream being torn down; nothing uses it afterwards.
             unsafe { libc::close(fd) };
         }
-    }
-
-    /// A SocketAddr as a sockaddr_storage and its length.
-    fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: sockaddr_storage is plain old data, all-zero is a valid value.
-        let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-        let len = match a {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is big enough and aligned for any sockaddr.
-                unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
-                size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: v6.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: v6.scope_id(),
-                };
-                // SAFETY: sockaddr_storage is big enough and aligned for any sockaddr.
-                unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
-                size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
-    }
-
-    fn cvt(r: isize) -> io::Result<usize> {
-        usize::try_from(r).map_err(|_| io::Error::last_os_error())
     }
 }
