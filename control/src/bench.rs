@@ -263,7 +263,7 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 14] = [
+        let rows: [(&str, String, String); 15] = [
             (
                 "backend",
                 s.tuning.backend.to_string(),
@@ -325,6 +325,11 @@ impl BenchResult {
                 "busy_poll_us",
                 s.tuning.busy_poll_us.to_string(),
                 c.tuning.busy_poll_us.to_string(),
+            ),
+            (
+                "busy_poll_siblings",
+                s.tuning.busy_poll_siblings.to_string(),
+                c.tuning.busy_poll_siblings.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -418,6 +423,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "pipe_size_bytes": t.pipe_size_bytes,
         "pipe_pool_size": t.pipe_pool_size,
         "busy_poll_us": t.busy_poll_us,
+        "busy_poll_siblings": t.busy_poll_siblings,
     })
 }
 

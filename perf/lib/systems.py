@@ -111,10 +111,13 @@ class Warren(System):
     # Tuning variants measured beside the shipped defaults: name suffix -> (label note, server
     # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
     # reverse order, so on one host a session's two ends run on different cores. "nopoll":
-    # busy_poll_us = 0 (sleep as soon as the ring is empty).
+    # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_siblings =
+    # false (only the shards with traffic poll; the others sleep).
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
+        "ownpoll": ("busy_poll_siblings = false", ["busy_poll_siblings = false"],
+                    ["busy_poll_siblings = false"]),
     }
 
     def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
@@ -374,4 +377,5 @@ def all_systems(ctx):
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
-            Warren(ctx, "tcp", variant="nopoll"), RelayFloor(ctx), MuxFloor(ctx)]
+            Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
+            RelayFloor(ctx), MuxFloor(ctx)]

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -255,6 +255,29 @@ pub(crate) struct Mailbox {
     /// Set by the first sender after the shard last looked; only that sender writes the
     /// eventfd, so a burst of commands costs one wake.
     woken: AtomicBool,
+    /// Until when this shard busy-polls for its own traffic (`PollClock` nanoseconds; 0 when
+    /// it never has). Read by the other shards of the process to poll along with it
+    /// (`busy_poll_siblings`). On its own cache line: it is written once per busy loop turn.
+    poll_until: PaddedU64,
+}
+
+/// An `AtomicU64` alone on its cache line (128 bytes: adjacent-line prefetch on x86).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedU64(AtomicU64);
+
+/// The time base shared by the shards of one process for `Mailbox::poll_until`.
+#[derive(Debug, Clone, Copy)]
+struct PollClock(Instant);
+
+impl PollClock {
+    fn ns(self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(self, ns: u64) -> Instant {
+        self.0 + Duration::from_nanos(ns)
+    }
 }
 
 impl Mailbox {
@@ -288,9 +311,11 @@ impl ShardSet {
                 queue: ArrayQueue::new(cfg.shards.queue_capacity.max(16)),
                 wake: sys::eventfd()?,
                 woken: AtomicBool::new(false),
+                poll_until: PaddedU64::default(),
             });
         }
         let mailboxes = Arc::new(mailboxes);
+        let poll_clock = PollClock(clock::now());
         let stats: Vec<Arc<ShardStats>> = (0..count).map(|_| Arc::default()).collect();
         let allowed = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(count);
@@ -304,6 +329,7 @@ impl ShardSet {
             let ctx = Context {
                 index: i,
                 mailboxes: mailboxes.clone(),
+                poll_clock,
                 stats: stats[i].clone(),
                 board: board.clone(),
                 cfg: cfg.clone(),
@@ -380,6 +406,7 @@ impl ShardSet {
 struct Context {
     index: usize,
     mailboxes: Arc<Vec<Mailbox>>,
+    poll_clock: PollClock,
     stats: Arc<ShardStats>,
     board: Arc<RouteBoard>,
     cfg: UringConfig,
@@ -646,8 +673,16 @@ struct Shard {
     /// How long the loop keeps polling the ring after the last completion before it sleeps
     /// (`busy_poll_us`); zero sleeps at once.
     busy_poll: Duration,
-    /// When the last completion arrived (drives `busy_poll`).
+    /// When the last completion other than a mailbox wake arrived (drives `busy_poll`).
     last_io: Instant,
+    /// Poll along with the other shards of the process while they poll for their traffic
+    /// (`busy_poll_siblings`), so their cores' wakees (the peer processes) find this core
+    /// awake too. Off with one shard.
+    poll_siblings: bool,
+    /// Time base of `Mailbox::poll_until`.
+    poll_clock: PollClock,
+    /// What this shard last stored in its `Mailbox::poll_until`.
+    published_until: u64,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
     /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
@@ -660,6 +695,7 @@ impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
+        let poll_siblings = ctx.cfg.busy_poll_siblings && ctx.mailboxes.len() > 1;
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.
         let fixed_free = match ring.submitter().register_files_sparse(FIXED_FILES) {
@@ -707,6 +743,9 @@ impl Shard {
             last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
             busy_poll,
             last_io: clock::now(),
+            poll_siblings,
+            poll_clock: ctx.poll_clock,
+            published_until: 0,
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
@@ -753,7 +792,13 @@ impl Shard {
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             if !has_ready && light && !self.busy_poll.is_zero() {
-                let until = self.last_io + self.busy_poll;
+                let mut until = self.last_io + self.busy_poll;
+                if self.poll_siblings {
+                    if now < until {
+                        self.publish_poll(now, until);
+                    }
+                    until = until.max(self.sibling_poll_until());
+                }
                 let until = deadline.map_or(until, |d| d.min(until));
                 if now < until {
                     has_ready = self.busy_wait(until);
@@ -785,8 +830,15 @@ impl Shard {
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
             if !cqes.is_empty() {
-                self.last_io = clock::now();
                 self.last_batch = cqes.len();
+                // A mailbox wake alone (a command, or a sibling asking this shard to poll along)
+                // is not traffic: counting it would make two shards wake each other forever.
+                if cqes
+                    .iter()
+                    .any(|c| !matches!(decode(c.0), Some((Op::Mailbox, _))))
+                {
+                    self.last_io = clock::now();
+                }
             }
             for &(ud, res, flags) in &cqes {
                 self.complete(ud, res, flags);
@@ -832,6 +884,45 @@ impl Shard {
     /// Polls the ring without sleeping until a completion is ready or `until` passes; returns
     /// whether one is ready. Submits what is queued first. Between looks it yields the core, so
     /// another thread pinned to it (the other end of a loopback session, a backend) still runs.
+    /// Tells the other shards this one polls until `until` for its own traffic. When it starts
+    /// polling after a quiet spell, it wakes the siblings that sleep (one eventfd write each,
+    /// once per spell), so their cores stay awake with it.
+    fn publish_poll(&mut self, now: Instant, until: Instant) {
+        let ns = self.poll_clock.ns(until);
+        // Store at most every quarter poll window: the line is read by the other cores.
+        let step = u64::try_from(self.busy_poll.as_nanos() / 4).unwrap_or(u64::MAX);
+        if ns < self.published_until.saturating_add(step) {
+            return;
+        }
+        let lapsed = self.published_until <= self.poll_clock.ns(now);
+        self.published_until = ns;
+        let mailboxes = &self.mailboxes;
+        mailboxes[self.index]
+            .poll_until
+            .0
+            .store(ns, Ordering::Relaxed);
+        if lapsed {
+            for (i, mb) in mailboxes.iter().enumerate() {
+                if i != self.index && !mb.woken.swap(true, Ordering::SeqCst) {
+                    sys::eventfd_wake(mb.wake.as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// The latest time another shard of the process polls until for its own traffic.
+    fn sibling_poll_until(&self) -> Instant {
+        let ns = self
+            .mailboxes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.index)
+            .map(|(_, mb)| mb.poll_until.0.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        self.poll_clock.instant(ns)
+    }
+
     fn busy_wait(&mut self, until: Instant) -> bool {
         if let Err(e) = self.ring.submit() {
             if !matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR)) {
