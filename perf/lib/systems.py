@@ -118,6 +118,7 @@ class Warren(System):
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
         "ownpoll": ("busy_poll_siblings = false", ["busy_poll_siblings = false"],
                     ["busy_poll_siblings = false"]),
+        "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
     }
 
     def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
@@ -378,4 +379,5 @@ def all_systems(ctx):
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
+            Warren(ctx, "tcp", variant="poll200"),
             RelayFloor(ctx), MuxFloor(ctx)]

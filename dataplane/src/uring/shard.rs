@@ -683,6 +683,8 @@ struct Shard {
     poll_clock: PollClock,
     /// What this shard last stored in its `Mailbox::poll_until`.
     published_until: u64,
+    /// The last poll decision went by a sibling's poll, not this shard's own traffic.
+    polling_along: bool,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
     /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
@@ -746,6 +748,7 @@ impl Shard {
             poll_siblings,
             poll_clock: ctx.poll_clock,
             published_until: 0,
+            polling_along: false,
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
@@ -797,7 +800,13 @@ impl Shard {
                     if now < until {
                         self.publish_poll(now, until);
                     }
-                    until = until.max(self.sibling_poll_until());
+                    let along = self.sibling_poll_until();
+                    let joins = along > until && now < along;
+                    if joins && !self.polling_along {
+                        self.stats.sibling_polls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.polling_along = joins;
+                    until = until.max(along);
                 }
                 let until = deadline.map_or(until, |d| d.min(until));
                 if now < until {
