@@ -570,7 +570,7 @@ async fn idle_shards_poll_along_with_a_busy_sibling_only_when_asked_uring() {
         let mut trips = 0u32;
         // With the option on, go until an idle shard on each side has joined (a woken shard
         // that comes too late to a poll waits for the next one), at most 20 s.
-        let end = std::time::Instant::now() + Duration::from_secs(20);
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             s.write_all(&[trips as u8; 64]).await.unwrap();
             s.read_exact(&mut buf).await.unwrap();
@@ -582,7 +582,7 @@ async fn idle_shards_poll_along_with_a_busy_sibling_only_when_asked_uring() {
             } else {
                 trips >= 2_000
             };
-            if done || std::time::Instant::now() > end {
+            if done || tokio::time::Instant::now() > end {
                 break;
             }
         }
