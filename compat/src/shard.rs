@@ -136,9 +136,9 @@ pub struct ShardStats {
     /// on compat). A socket that closes without giving its slot back shows here, and its
     /// connection stays open in the kernel.
     pub registered_files: AtomicU64,
-    /// Times this shard, with no traffic of its own to poll for, started polling along with
-    /// a busy-polling sibling (io_uring, `busy_poll_siblings`; always 0 on compat).
-    pub sibling_polls: AtomicU64,
+    /// Spells in which this shard's keep-awake thread spun because another shard of the
+    /// process busy-polled (io_uring, `busy_poll_other_cores`; always 0 on compat).
+    pub awake_spells: AtomicU64,
 }
 
 /// What one session last published into its shard's [`ShardStats`]: the driver hands it each

@@ -119,7 +119,7 @@ impl DataPlane {
                 pipe_size: tuning.pipe_size_bytes as usize,
                 pipe_pool: tuning.pipe_pool_size as usize,
                 busy_poll: std::time::Duration::from_micros(tuning.busy_poll_us.into()),
-                busy_poll_siblings: tuning.busy_poll_siblings,
+                busy_poll_other_cores: tuning.busy_poll_other_cores,
             };
             let set = warren_dataplane::Shards::start(cfg, board.clone())
                 .context("starting io_uring shard threads")?;

@@ -327,9 +327,9 @@ impl BenchResult {
                 c.tuning.busy_poll_us.to_string(),
             ),
             (
-                "busy_poll_siblings",
-                s.tuning.busy_poll_siblings.to_string(),
-                c.tuning.busy_poll_siblings.to_string(),
+                "busy_poll_other_cores",
+                s.tuning.busy_poll_other_cores.to_string(),
+                c.tuning.busy_poll_other_cores.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -423,7 +423,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "pipe_size_bytes": t.pipe_size_bytes,
         "pipe_pool_size": t.pipe_pool_size,
         "busy_poll_us": t.busy_poll_us,
-        "busy_poll_siblings": t.busy_poll_siblings,
+        "busy_poll_other_cores": t.busy_poll_other_cores,
     })
 }
 

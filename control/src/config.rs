@@ -415,10 +415,10 @@ pub struct Tuning {
     /// wake-up per hop on request/response traffic at the price of that much CPU after each
     /// burst; the poll yields the core to any other runnable thread.
     pub busy_poll_us: u32,
-    /// `busy_poll_siblings`: while one shard busy-polls for its own traffic, the process's
-    /// other shards poll along with it, io_uring only (default true). Keeps every core of the
-    /// process awake between the hops of a request, at the price of that CPU on each core.
-    pub busy_poll_siblings: bool,
+    /// `busy_poll_other_cores`: while one shard busy-polls for its own traffic, a `SCHED_IDLE`
+    /// thread spins on each other shard's core, io_uring only (default true). Keeps every core
+    /// of the process awake between the hops of a request; it yields to any other thread.
+    pub busy_poll_other_cores: bool,
 }
 
 impl Default for Tuning {
@@ -438,7 +438,7 @@ impl Default for Tuning {
             pipe_size_bytes: MIB,
             pipe_pool_size: 256,
             busy_poll_us: 50,
-            busy_poll_siblings: true,
+            busy_poll_other_cores: true,
         }
     }
 }
@@ -485,7 +485,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "server.tuning.pipe_size_bytes",
         "server.tuning.pipe_pool_size",
         "server.tuning.busy_poll_us",
-        "server.tuning.busy_poll_siblings",
+        "server.tuning.busy_poll_other_cores",
         "client.server_addr",
         "client.name",
         "client.token",
@@ -516,7 +516,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "client.tuning.pipe_size_bytes",
         "client.tuning.pipe_pool_size",
         "client.tuning.busy_poll_us",
-        "client.tuning.busy_poll_siblings",
+        "client.tuning.busy_poll_other_cores",
     ]
 }
 
@@ -1459,7 +1459,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
     let pipe_size = t.u32_or("pipe_size_bytes", d.pipe_size_bytes, 4 * KIB..=16 * MIB);
     let pipe_pool = t.u32_or("pipe_pool_size", d.pipe_pool_size, 0..=65_536);
     let busy_poll = t.u32_or("busy_poll_us", d.busy_poll_us, 0..=10_000);
-    let busy_poll_siblings = t.optional_bool("busy_poll_siblings");
+    let busy_poll_other_cores = t.optional_bool("busy_poll_other_cores");
 
     if let Some(initial) = initial {
         for (key, value) in [
@@ -1536,7 +1536,9 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
         pipe_size_bytes: pipe_size?,
         pipe_pool_size: pipe_pool?,
         busy_poll_us: busy_poll?,
-        busy_poll_siblings: busy_poll_siblings.ok()?.unwrap_or(d.busy_poll_siblings),
+        busy_poll_other_cores: busy_poll_other_cores
+            .ok()?
+            .unwrap_or(d.busy_poll_other_cores),
     })
 }
 
@@ -1988,7 +1990,7 @@ local_addr = "127.0.0.1:22"
             "[server.tuning]\ncores = [2, 3]\ninitial_stream_window_bytes = 1024\nmax_stream_window_bytes = 2048\n\
              session_window_bytes = 1048576\nmax_frame_payload_bytes = 16384\nquantum_bytes = 8192\n\
              read_buffer_bytes = 4096\nmax_streams_per_session = 8\nbackend = \"compat\"\nbuffer_count = 128\n\
-             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_siblings = false\n[server.clients.laptop]",
+             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\n[server.clients.laptop]",
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(
@@ -2008,7 +2010,7 @@ local_addr = "127.0.0.1:22"
                 pipe_size_bytes: 64 * 1024,
                 pipe_pool_size: 0,
                 busy_poll_us: 0,
-                busy_poll_siblings: false,
+                busy_poll_other_cores: false,
             }
         );
         assert_eq!(tuning.shard_count(64), 2);
@@ -2046,7 +2048,7 @@ local_addr = "127.0.0.1:22"
         };
         let errors = errors_of(&tuned(
             "client",
-            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_siblings = 1",
+            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_other_cores = 1",
         ));
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -2057,7 +2059,7 @@ local_addr = "127.0.0.1:22"
                 "client.tuning.pipe_size_bytes: 33554432 is out of range (expected 4096 to 16777216)",
                 "client.tuning.pipe_pool_size: 65537 is out of range (expected 0 to 65536)",
                 "client.tuning.busy_poll_us: 10001 is out of range (expected 0 to 10000)",
-                "client.tuning.busy_poll_siblings: expected a boolean, found an integer",
+                "client.tuning.busy_poll_other_cores: expected a boolean, found an integer",
             ]
         );
         assert_eq!(

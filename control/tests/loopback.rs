@@ -538,16 +538,16 @@ async fn a_host_name_service_is_dialled_at_its_next_address_when_one_refuses_uri
 }
 
 /// Round trips of 64 bytes on one connection reach one server shard and one client shard; with
-/// `busy_poll_siblings` (the default) the other shard of each process is woken to poll along
-/// while those poll, so its core stays awake for the load generator and the service. Turned
-/// off, the idle shards never poll.
+/// `busy_poll_other_cores` (the default) the keep-awake thread of the other shard's core in each
+/// process spins while those poll, so that core stays awake for the load generator and the
+/// service. Turned off, no keep-awake thread runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_shards_poll_along_with_a_busy_sibling_only_when_asked_uring() {
+async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring() {
     if !require_uring() {
         return;
     }
     for along in [true, false] {
-        let tuning = format!("busy_poll_us = 200\nbusy_poll_siblings = {along}");
+        let tuning = format!("busy_poll_us = 200\nbusy_poll_other_cores = {along}");
         let p = warren::loopback::Pair::start(PairSpec {
             services: &[("echo", echo_service().await)],
             shards: 2,
@@ -561,15 +561,15 @@ async fn idle_shards_poll_along_with_a_busy_sibling_only_when_asked_uring() {
         settle(|| p.server.shards().total(|s| &s.sessions) == 2).await;
         let polls = |shards: &warren::backend::DataPlane| -> Vec<u64> {
             (0..2)
-                .map(|i| shards.stats(i).sibling_polls.load(Ordering::Relaxed))
+                .map(|i| shards.stats(i).awake_spells.load(Ordering::Relaxed))
                 .collect()
         };
         let mut s = TcpStream::connect(p.public("echo")).await.unwrap();
         s.set_nodelay(true).unwrap();
         let mut buf = [0u8; 64];
         let mut trips = 0u32;
-        // With the option on, go until an idle shard on each side has joined (a woken shard
-        // that comes too late to a poll waits for the next one), at most 20 s.
+        // With the option on, go until a keep-awake thread on each side has spun (one kicked
+        // too late for a poll waits for the next one), at most 20 s.
         let end = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             s.write_all(&[trips as u8; 64]).await.unwrap();
@@ -600,13 +600,13 @@ async fn idle_shards_poll_along_with_a_busy_sibling_only_when_asked_uring() {
         if along {
             assert!(
                 srv[1 - busy] > 0 && cli.iter().any(|n| *n > 0),
-                "after {trips} round trips no idle shard polled along: server {srv:?}, client {cli:?}"
+                "after {trips} round trips no other core was kept awake: server {srv:?}, client {cli:?}"
             );
         } else {
             assert_eq!(
                 (srv, cli),
                 (vec![0, 0], vec![0, 0]),
-                "busy_poll_siblings = false, {trips} round trips"
+                "busy_poll_other_cores = false, {trips} round trips"
             );
         }
         drop(s);

@@ -39,9 +39,9 @@ pub struct UringConfig {
     /// How long a shard polls its ring without sleeping after the last completion (yielding
     /// the core between looks); zero sleeps at once.
     pub busy_poll: std::time::Duration,
-    /// While one shard busy-polls for its traffic, the other shards poll along (and are woken
-    /// to do so), so no core of the process halts between the hops of a request.
-    pub busy_poll_siblings: bool,
+    /// While one shard busy-polls for its traffic, a `SCHED_IDLE` keep-awake thread on each
+    /// other shard's core spins, so no core of the process halts between the hops of a request.
+    pub busy_poll_other_cores: bool,
 }
 
 /// The running io_uring shards. Same surface as `warren_compat::Shards`.

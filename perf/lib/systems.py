@@ -111,13 +111,13 @@ class Warren(System):
     # Tuning variants measured beside the shipped defaults: name suffix -> (label note, server
     # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
     # reverse order, so on one host a session's two ends run on different cores. "nopoll":
-    # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_siblings =
+    # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_other_cores =
     # false (only the shards with traffic poll; the others sleep).
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
-        "ownpoll": ("busy_poll_siblings = false", ["busy_poll_siblings = false"],
-                    ["busy_poll_siblings = false"]),
+        "ownpoll": ("busy_poll_other_cores = false", ["busy_poll_other_cores = false"],
+                    ["busy_poll_other_cores = false"]),
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
     }
 

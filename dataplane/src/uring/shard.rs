@@ -256,9 +256,17 @@ pub(crate) struct Mailbox {
     /// eventfd, so a burst of commands costs one wake.
     woken: AtomicBool,
     /// Until when this shard busy-polls for its own traffic (`PollClock` nanoseconds; 0 when
-    /// it never has). Read by the other shards of the process to poll along with it
-    /// (`busy_poll_siblings`). On its own cache line: it is written once per busy loop turn.
+    /// it never has). Read by the keep-awake threads of the other shards
+    /// (`busy_poll_other_cores`). On its own cache line: it is written at most every quarter
+    /// of `busy_poll_us`.
     poll_until: PaddedU64,
+    /// Blocking eventfd the keep-awake thread of this shard's core sleeps on.
+    awake: OwnedFd,
+    /// Set by the first shard that kicks the keep-awake thread since it last woke, so a
+    /// spell costs one eventfd write per core.
+    awake_kicked: AtomicBool,
+    /// Tells the keep-awake thread to end (`ShardSet::stop`).
+    awake_stop: AtomicBool,
 }
 
 /// An `AtomicU64` alone on its cache line (128 bytes: adjacent-line prefetch on x86).
@@ -273,10 +281,6 @@ struct PollClock(Instant);
 impl PollClock {
     fn ns(self, t: Instant) -> u64 {
         u64::try_from(t.saturating_duration_since(self.0).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn instant(self, ns: u64) -> Instant {
-        self.0 + Duration::from_nanos(ns)
     }
 }
 
@@ -296,6 +300,8 @@ pub(crate) struct ShardSet {
     mailboxes: Arc<Vec<Mailbox>>,
     /// Joined by `stop`; a Mutex only because stop takes `&self` (control path, never per byte).
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The keep-awake threads (`busy_poll_other_cores`), one per shard; joined by `stop`.
+    awake: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ShardSet {
@@ -312,6 +318,9 @@ impl ShardSet {
                 wake: sys::eventfd()?,
                 woken: AtomicBool::new(false),
                 poll_until: PaddedU64::default(),
+                awake: sys::eventfd_blocking()?,
+                awake_kicked: AtomicBool::new(false),
+                awake_stop: AtomicBool::new(false),
             });
         }
         let mailboxes = Arc::new(mailboxes);
@@ -319,6 +328,8 @@ impl ShardSet {
         let stats: Vec<Arc<ShardStats>> = (0..count).map(|_| Arc::default()).collect();
         let allowed = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(count);
+        let mut awake = Vec::new();
+        let keep_awake = cfg.busy_poll_other_cores && count > 1 && !cfg.busy_poll.is_zero();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for i in 0..count {
             let core = match &cfg.shards.cores {
@@ -326,6 +337,19 @@ impl ShardSet {
                 _ if !allowed.is_empty() => Some(allowed[i % allowed.len()]),
                 _ => None,
             };
+            if keep_awake {
+                let (mailboxes, stats) = (mailboxes.clone(), stats[i].clone());
+                let t = std::thread::Builder::new()
+                    .name(format!("{}-awake-{i}", cfg.shards.name))
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        if let Some(core) = core {
+                            core_affinity::set_for_current(core);
+                        }
+                        keep_core_awake(i, &mailboxes, poll_clock, &stats);
+                    })?;
+                awake.push(t);
+            }
             let ctx = Context {
                 index: i,
                 mailboxes: mailboxes.clone(),
@@ -363,6 +387,7 @@ impl ShardSet {
         let set = ShardSet {
             mailboxes,
             threads: std::sync::Mutex::new(threads),
+            awake: std::sync::Mutex::new(awake),
         };
         for _ in 0..count {
             match ready_rx.recv() {
@@ -389,9 +414,6 @@ impl ShardSet {
             Ok(mut t) => std::mem::take(&mut *t),
             Err(p) => std::mem::take(&mut *p.into_inner()),
         };
-        if threads.is_empty() {
-            return;
-        }
         for (i, t) in threads.into_iter().enumerate() {
             if !t.is_finished() {
                 while self.mailboxes[i].push(ShardCommand::Stop).is_err() {
@@ -399,6 +421,72 @@ impl ShardSet {
                 }
             }
             let _ = t.join();
+        }
+        let awake = match self.awake.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for (i, t) in awake.into_iter().enumerate() {
+            self.mailboxes[i].awake_stop.store(true, Ordering::SeqCst);
+            sys::eventfd_wake(self.mailboxes[i].awake.as_raw_fd());
+            let _ = t.join();
+        }
+    }
+}
+
+/// The keep-awake thread of shard `index`'s core (`busy_poll_other_cores`). It runs as
+/// `SCHED_IDLE`, so it gets the core only when nothing else wants it, and the scheduler counts
+/// the core as idle when it places a woken thread. It sleeps on its eventfd; kicked by another
+/// shard that starts a busy poll, it spins (`sched_yield`) until no other shard polls any more.
+/// So while one shard polls for a light stream, the other cores of the process do not halt: the
+/// threads that stream wakes (the load generator, the backend, the other end of a loopback
+/// session) are woken on a core that is running, not on a halted vCPU (~30 µs on the VM the
+/// results were measured on). A shard's own busy poll outranks it on its core.
+fn keep_core_awake(index: usize, mailboxes: &[Mailbox], clock: PollClock, stats: &ShardStats) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's scheduling policy from a live `sched_param`.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        // Without SCHED_IDLE the spin would compete with real work: do not run.
+        warn!(
+            shard = index,
+            "no SCHED_IDLE for the keep-awake thread ({}): other cores may halt during busy polls",
+            io::Error::last_os_error()
+        );
+        return;
+    }
+    let me = &mailboxes[index];
+    let others_poll_until = || {
+        mailboxes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, mb)| mb.poll_until.0.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    };
+    loop {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from the eventfd this mailbox owns.
+        let n = unsafe { libc::read(me.awake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!(shard = index, "keep-awake thread stopped: {e}");
+            return;
+        }
+        me.awake_kicked.store(false, Ordering::SeqCst);
+        if me.awake_stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut counted = false;
+        while clock.ns(clock::now()) < others_poll_until() {
+            if !counted {
+                stats.awake_spells.fetch_add(1, Ordering::Relaxed);
+                counted = true;
+            }
+            std::thread::yield_now();
         }
     }
 }
@@ -675,16 +763,13 @@ struct Shard {
     busy_poll: Duration,
     /// When the last completion other than a mailbox wake arrived (drives `busy_poll`).
     last_io: Instant,
-    /// Poll along with the other shards of the process while they poll for their traffic
-    /// (`busy_poll_siblings`), so their cores' wakees (the peer processes) find this core
-    /// awake too. Off with one shard.
-    poll_siblings: bool,
+    /// Publish this shard's busy polls and kick the other cores' keep-awake threads
+    /// (`busy_poll_other_cores`). Off with one shard.
+    publish_polls: bool,
     /// Time base of `Mailbox::poll_until`.
     poll_clock: PollClock,
     /// What this shard last stored in its `Mailbox::poll_until`.
     published_until: u64,
-    /// The last poll decision went by a sibling's poll, not this shard's own traffic.
-    polling_along: bool,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
     /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
@@ -697,7 +782,7 @@ impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
-        let poll_siblings = ctx.cfg.busy_poll_siblings && ctx.mailboxes.len() > 1;
+        let publish_polls = ctx.cfg.busy_poll_other_cores && ctx.mailboxes.len() > 1;
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.
         let fixed_free = match ring.submitter().register_files_sparse(FIXED_FILES) {
@@ -745,10 +830,9 @@ impl Shard {
             last_dump: std::env::var_os("WARREN_DUMP_SHARDS").map(|_| clock::now()),
             busy_poll,
             last_io: clock::now(),
-            poll_siblings,
+            publish_polls,
             poll_clock: ctx.poll_clock,
             published_until: 0,
-            polling_along: false,
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
@@ -795,18 +879,9 @@ impl Shard {
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             if !has_ready && light && !self.busy_poll.is_zero() {
-                let mut until = self.last_io + self.busy_poll;
-                if self.poll_siblings {
-                    if now < until {
-                        self.publish_poll(now, until);
-                    }
-                    let along = self.sibling_poll_until();
-                    let joins = along > until && now < along;
-                    if joins && !self.polling_along {
-                        self.stats.sibling_polls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    self.polling_along = joins;
-                    until = until.max(along);
+                let until = self.last_io + self.busy_poll;
+                if self.publish_polls && now < until {
+                    self.publish_poll(now, until);
                 }
                 let until = deadline.map_or(until, |d| d.min(until));
                 if now < until {
@@ -893,9 +968,9 @@ impl Shard {
     /// Polls the ring without sleeping until a completion is ready or `until` passes; returns
     /// whether one is ready. Submits what is queued first. Between looks it yields the core, so
     /// another thread pinned to it (the other end of a loopback session, a backend) still runs.
-    /// Tells the other shards this one polls until `until` for its own traffic. When it starts
-    /// polling after a quiet spell, it wakes the siblings that sleep (one eventfd write each,
-    /// once per spell), so their cores stay awake with it.
+    /// Publishes that this shard polls until `until` for its own traffic. When it starts
+    /// polling after a quiet spell, it kicks the keep-awake threads of the other cores (one
+    /// eventfd write each, once per spell), which then spin while it polls.
     fn publish_poll(&mut self, now: Instant, until: Instant) {
         let ns = self.poll_clock.ns(until);
         // Store at most every quarter poll window: the line is read by the other cores.
@@ -912,24 +987,11 @@ impl Shard {
             .store(ns, Ordering::Relaxed);
         if lapsed {
             for (i, mb) in mailboxes.iter().enumerate() {
-                if i != self.index && !mb.woken.swap(true, Ordering::SeqCst) {
-                    sys::eventfd_wake(mb.wake.as_raw_fd());
+                if i != self.index && !mb.awake_kicked.swap(true, Ordering::SeqCst) {
+                    sys::eventfd_wake(mb.awake.as_raw_fd());
                 }
             }
         }
-    }
-
-    /// The latest time another shard of the process polls until for its own traffic.
-    fn sibling_poll_until(&self) -> Instant {
-        let ns = self
-            .mailboxes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != self.index)
-            .map(|(_, mb)| mb.poll_until.0.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
-        self.poll_clock.instant(ns)
     }
 
     fn busy_wait(&mut self, until: Instant) -> bool {

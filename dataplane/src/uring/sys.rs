@@ -45,6 +45,14 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A blocking eventfd (for a thread that sleeps in `read`).
+pub(crate) fn eventfd_blocking() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned by the returned OwnedFd.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Adds 1 to an eventfd. EAGAIN (counter saturated) still means the reader will wake.
 pub(crate) fn eventfd_wake(fd: RawFd) {
     let one: u64 = 1;
