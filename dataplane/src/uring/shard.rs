@@ -260,6 +260,10 @@ pub(crate) struct Mailbox {
     /// (`busy_poll_other_cores`). On its own cache line: it is written at most every quarter
     /// of `busy_poll_us`.
     poll_until: PaddedU64,
+    /// Whether this shard's last loop turn saw light traffic (the busy-poll rules). Its
+    /// keep-awake thread spins only while it does: a core whose shard has load is awake anyway,
+    /// and a spinner there only adds context switches and draws woken threads to the core.
+    light: AtomicBool,
     /// Blocking eventfd the keep-awake thread of this shard's core sleeps on.
     awake: OwnedFd,
     /// Set by the first shard that kicks the keep-awake thread since it last woke, so a
@@ -318,6 +322,7 @@ impl ShardSet {
                 wake: sys::eventfd()?,
                 woken: AtomicBool::new(false),
                 poll_until: PaddedU64::default(),
+                light: AtomicBool::new(true),
                 awake: sys::eventfd_blocking()?,
                 awake_kicked: AtomicBool::new(false),
                 awake_stop: AtomicBool::new(false),
@@ -481,7 +486,7 @@ fn keep_core_awake(index: usize, mailboxes: &[Mailbox], clock: PollClock, stats:
             return;
         }
         let mut counted = false;
-        while clock.ns(clock::now()) < others_poll_until() {
+        while me.light.load(Ordering::Relaxed) && clock.ns(clock::now()) < others_poll_until() {
             if !counted {
                 stats.awake_spells.fetch_add(1, Ordering::Relaxed);
                 counted = true;
@@ -770,6 +775,8 @@ struct Shard {
     poll_clock: PollClock,
     /// What this shard last stored in its `Mailbox::poll_until`.
     published_until: u64,
+    /// What this shard last stored in its `Mailbox::light`.
+    published_light: bool,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
     /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
@@ -833,6 +840,7 @@ impl Shard {
             publish_polls,
             poll_clock: ctx.poll_clock,
             published_until: 0,
+            published_light: true,
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
@@ -878,6 +886,12 @@ impl Shard {
             let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
+            if self.publish_polls && light != self.published_light {
+                self.published_light = light;
+                self.mailboxes[self.index]
+                    .light
+                    .store(light, Ordering::Relaxed);
+            }
             if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
                 if self.publish_polls && now < until {
@@ -987,7 +1001,10 @@ impl Shard {
             .store(ns, Ordering::Relaxed);
         if lapsed {
             for (i, mb) in mailboxes.iter().enumerate() {
-                if i != self.index && !mb.awake_kicked.swap(true, Ordering::SeqCst) {
+                if i != self.index
+                    && mb.light.load(Ordering::Relaxed)
+                    && !mb.awake_kicked.swap(true, Ordering::SeqCst)
+                {
                     sys::eventfd_wake(mb.awake.as_raw_fd());
                 }
             }
