@@ -118,6 +118,7 @@ class Warren(System):
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
         "ownpoll": ("busy_poll_other_cores = false", ["busy_poll_other_cores = false"],
                     ["busy_poll_other_cores = false"]),
+        "poll100": ("busy_poll_us = 100", ["busy_poll_us = 100"], ["busy_poll_us = 100"]),
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
     }
 
@@ -379,5 +380,5 @@ def all_systems(ctx):
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
-            Warren(ctx, "tcp", variant="poll200"),
+            Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             RelayFloor(ctx), MuxFloor(ctx)]
