@@ -260,9 +260,12 @@ pub(crate) struct Mailbox {
     /// (`busy_poll_other_cores`). On its own cache line: it is written at most every quarter
     /// of `busy_poll_us`.
     poll_until: PaddedU64,
-    /// Whether this shard's last loop turn saw light traffic (the busy-poll rules). Its
-    /// keep-awake thread spins only while it does: a core whose shard has load is awake anyway,
-    /// and a spinner there only adds context switches and draws woken threads to the core.
+    /// Whether this shard serves few streams (at most `BUSY_POLL_MAX_STREAMS`). Its keep-awake
+    /// thread spins only while it does: a core whose shard has many streams is busy anyway, and
+    /// a spinner there only adds context switches and draws woken threads to the core. Only the
+    /// stream count, not the other busy-poll rules (a bulk turn, a big batch): those describe
+    /// the last turn and would go stale while the shard sleeps, which is exactly when its core
+    /// needs the spinner.
     light: AtomicBool,
     /// Blocking eventfd the keep-awake thread of this shard's core sleeps on.
     awake: OwnedFd,
@@ -886,11 +889,12 @@ impl Shard {
             let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
-            if self.publish_polls && light != self.published_light {
-                self.published_light = light;
+            let few_streams = self.streams.len() <= BUSY_POLL_MAX_STREAMS;
+            if self.publish_polls && few_streams != self.published_light {
+                self.published_light = few_streams;
                 self.mailboxes[self.index]
                     .light
-                    .store(light, Ordering::Relaxed);
+                    .store(few_streams, Ordering::Relaxed);
             }
             if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
