@@ -564,10 +564,53 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
                 .map(|i| shards.stats(i).awake_spells.load(Ordering::Relaxed))
                 .collect()
         };
+        // Bulk first, on a few connections so both server shards likely carry some: a shard
+        // whose last turn before it went idle was a bulk turn must still count as light for
+        // the keep-awake thread of its core (it once stayed "busy" for as long as it slept).
+        for _ in 0..4 {
+            let mut b = TcpStream::connect(p.public("echo")).await.unwrap();
+            let block = vec![7u8; 4 << 20];
+            let (mut r, mut w) = b.split();
+            let (wrote, back) = tokio::join!(
+                async {
+                    w.write_all(&block).await.unwrap();
+                    w.shutdown().await.unwrap();
+                },
+                async {
+                    let mut back = Vec::with_capacity(block.len());
+                    r.read_to_end(&mut back).await.unwrap();
+                    back
+                }
+            );
+            let () = wrote;
+            assert!(back == block, "bulk echo came back different");
+        }
+        let accepted = |i: usize| {
+            p.server
+                .shards()
+                .stats(i)
+                .visitors_accepted
+                .load(Ordering::Relaxed)
+        };
+        let accepted_before = [accepted(0), accepted(1)];
+        let (srv0, cli0) = (polls(p.server.shards()), polls(p.client.shards()));
         let mut s = TcpStream::connect(p.public("echo")).await.unwrap();
         s.set_nodelay(true).unwrap();
+        settle(|| accepted(0) + accepted(1) == accepted_before[0] + accepted_before[1] + 1).await;
+        let busy = (0..2)
+            .find(|i| accepted(*i) == accepted_before[*i] + 1)
+            .expect("one server shard accepted the round-trip visitor");
         let mut buf = [0u8; 64];
         let mut trips = 0u32;
+        // Spells of the idle server shard's keep-awake thread, and of any client one, since
+        // the bulk phase.
+        let spun = || {
+            let (srv, cli) = (polls(p.server.shards()), polls(p.client.shards()));
+            (
+                srv[1 - busy] - srv0[1 - busy],
+                cli.iter().sum::<u64>() - cli0.iter().sum::<u64>(),
+            )
+        };
         // With the option on, go until a keep-awake thread on each side has spun (one kicked
         // too late for a poll waits for the next one), at most 20 s.
         let end = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -576,9 +619,9 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
             s.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, [trips as u8; 64], "round trip {trips}");
             trips += 1;
-            let joined = |v: Vec<u64>| v.iter().any(|n| *n > 0);
             let done = if along {
-                joined(polls(p.server.shards())) && joined(polls(p.client.shards()))
+                let (srv, cli) = spun();
+                srv > 0 && cli > 0
             } else {
                 trips >= 2_000
             };
@@ -587,20 +630,12 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
             }
         }
         let (srv, cli) = (polls(p.server.shards()), polls(p.client.shards()));
-        let busy = (0..2)
-            .find(|i| {
-                p.server
-                    .shards()
-                    .stats(*i)
-                    .visitors_accepted
-                    .load(Ordering::Relaxed)
-                    == 1
-            })
-            .expect("one server shard accepted the visitor");
         if along {
+            let (srv_spun, cli_spun) = spun();
             assert!(
-                srv[1 - busy] > 0 && cli.iter().any(|n| *n > 0),
-                "after {trips} round trips no other core was kept awake: server {srv:?}, client {cli:?}"
+                srv_spun > 0 && cli_spun > 0,
+                "after {trips} round trips no other core was kept awake: server {srv:?} \
+                 (shard {busy} has the visitor), client {cli:?}, before them {srv0:?} / {cli0:?}"
             );
         } else {
             assert_eq!(
