@@ -933,8 +933,8 @@ impl Shard {
             );
             if !cqes.is_empty() {
                 self.last_batch = cqes.len();
-                // A mailbox wake alone (a command, or a sibling asking this shard to poll along)
-                // is not traffic: counting it would make two shards wake each other forever.
+                // A mailbox wake alone (a command from the control plane or another shard) is
+                // not traffic, so it does not start a busy poll.
                 if cqes
                     .iter()
                     .any(|c| !matches!(decode(c.0), Some((Op::Mailbox, _))))
