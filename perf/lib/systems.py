@@ -112,7 +112,8 @@ class Warren(System):
     # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
     # reverse order, so on one host a session's two ends run on different cores. "nopoll":
     # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_other_cores =
-    # false (only the shards with traffic poll; the others sleep).
+    # false (only the shards with traffic poll; the others sleep). "poll100", "poll200":
+    # busy_poll_us = 100 / 200.
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),

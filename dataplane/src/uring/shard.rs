@@ -776,10 +776,6 @@ struct Shard {
     publish_polls: bool,
     /// Time base of `Mailbox::poll_until`.
     poll_clock: PollClock,
-    /// What this shard last stored in its `Mailbox::poll_until`.
-    published_until: u64,
-    /// What this shard last stored in its `Mailbox::light`.
-    published_light: bool,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
     /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
@@ -842,8 +838,6 @@ impl Shard {
             last_io: clock::now(),
             publish_polls,
             poll_clock: ctx.poll_clock,
-            published_until: 0,
-            published_light: true,
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
@@ -890,11 +884,10 @@ impl Shard {
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             let few_streams = self.streams.len() <= BUSY_POLL_MAX_STREAMS;
-            if self.publish_polls && few_streams != self.published_light {
-                self.published_light = few_streams;
-                self.mailboxes[self.index]
-                    .light
-                    .store(few_streams, Ordering::Relaxed);
+            let mb = &self.mailboxes[self.index];
+            // Only this thread stores it, so the load is what it last stored.
+            if self.publish_polls && mb.light.load(Ordering::Relaxed) != few_streams {
+                mb.light.store(few_streams, Ordering::Relaxed);
             }
             if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
@@ -991,18 +984,17 @@ impl Shard {
     /// eventfd write each, once per spell), which then spin while it polls.
     fn publish_poll(&mut self, now: Instant, until: Instant) {
         let ns = self.poll_clock.ns(until);
+        let mailboxes = &self.mailboxes;
+        let mine = &mailboxes[self.index].poll_until.0;
+        // Only this thread stores it, so the load is what it last published.
+        let published = mine.load(Ordering::Relaxed);
         // Store at most every quarter poll window: the line is read by the other cores.
         let step = u64::try_from(self.busy_poll.as_nanos() / 4).unwrap_or(u64::MAX);
-        if ns < self.published_until.saturating_add(step) {
+        if ns < published.saturating_add(step) {
             return;
         }
-        let lapsed = self.published_until <= self.poll_clock.ns(now);
-        self.published_until = ns;
-        let mailboxes = &self.mailboxes;
-        mailboxes[self.index]
-            .poll_until
-            .0
-            .store(ns, Ordering::Relaxed);
+        let lapsed = published <= self.poll_clock.ns(now);
+        mine.store(ns, Ordering::Relaxed);
         if lapsed {
             for (i, mb) in mailboxes.iter().enumerate() {
                 if i != self.index

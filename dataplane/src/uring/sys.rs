@@ -39,16 +39,17 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A non-blocking, close-on-exec eventfd: the wake for a shard's command queue.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned by the returned OwnedFd.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    eventfd_with(libc::EFD_NONBLOCK)
 }
 
 /// A blocking eventfd (for a thread that sleeps in `read`).
 pub(crate) fn eventfd_blocking() -> io::Result<OwnedFd> {
+    eventfd_with(0)
+}
+
+fn eventfd_with(flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned by the returned OwnedFd.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })?;
+    let fd = cvt(unsafe { libc::eventfd(0, flags | libc::EFD_CLOEXEC) })?;
     // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
