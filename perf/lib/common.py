@@ -66,9 +66,9 @@ def raise_nofile(n=65536):
 
 def build_release():
     """Builds warren and every bin of warren-perf (release: warren-load, conn_relay, mux_relay,
-    splice_relay); returns the paths of warren and warren-load (the other warren-perf bins are next
+    splice_relay, awake_spin); returns the paths of warren and warren-load (the other warren-perf bins are next
     to it)."""
-    log("building warren and warren-perf (release: warren-load, conn_relay, mux_relay, splice_relay)")
+    log("building warren and warren-perf (release: warren-load, conn_relay, mux_relay, splice_relay, awake_spin)")
     r = subprocess.run(
         ["nice", "-n", "19", "cargo", "build", "--release", "-p", "warren", "-p", "warren-perf"],
         cwd=REPO,

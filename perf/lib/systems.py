@@ -62,11 +62,49 @@ class System:
         return p if os.path.exists(p) else None
 
 
+def start_awake_spin(system):
+    """Starts `awake_spin` (perf/src/bin/awake_spin.rs: a SCHED_IDLE thread spinning on each CPU,
+    so no vCPU halts) as one of `system`'s processes; returns once it says it is ready."""
+    p = Proc(f"{system.name}-awake-spin", [system.ctx["awake_spin"]], system.dir)
+    system.procs.append(p)
+    end = time.time() + 10
+    while time.time() < end:
+        if '"ready"' in p.log_text():
+            return
+        if not p.alive():
+            break
+        time.sleep(0.05)
+    text = p.log_text()[-500:]
+    system.stop()
+    raise RuntimeError(f"{system.name}: awake_spin did not start\n{text}")
+
+
+def awake_spin_missing(ctx):
+    b = ctx.get("awake_spin")
+    return None if b and os.path.exists(b) else "awake_spin not built (cargo build --release -p warren-perf)"
+
+
 class Direct(System):
     name, label, tunnel = "direct", "direct (no tunnel)", False
 
     def start(self, base_port):
         self.public = dict(self.ctx["backends"])
+
+
+class DirectAwake(System):
+    """The direct connection with `awake_spin` running: no tunnel, and no CPU ever halts. Any
+    tunnel's keep-awake threads can give its visitors and backends at best what this gives the
+    direct connection, so its round-trip latency is a floor for every tunnel's; not a tunnel."""
+    name, tunnel = "direct-awake", False
+    label = "direct, every CPU kept awake (awake_spin; a floor, not a tunnel)"
+
+    def available(self):
+        return awake_spin_missing(self.ctx)
+
+    def start(self, base_port):
+        self.public = dict(self.ctx["backends"])
+        self.dir = self._dir(base_port)
+        start_awake_spin(self)
 
 
 class KernelNat(System):
@@ -306,10 +344,30 @@ class RelayFloor(System):
 
     def _start(self, base_port):
         for k in BACKENDS:
-            self.procs.append(Proc(f"relay-floor-{k}",
+            self.procs.append(Proc(f"{self.name}-{k}",
                                    [self.ctx["conn_relay"], "--listen", f"127.0.0.1:{self.public[k]}",
                                     "--to", f"127.0.0.1:{self.ctx['backends'][k]}",
                                     "--threads", str(self.threads)], self.dir))
+
+
+class RelayFloorAwake(RelayFloor):
+    """relay-floor with `awake_spin` running (no CPU ever halts): the one-hop floor with the best
+    a keep-awake scheme can give it. The spinner's CPU is not counted as the relay's."""
+    name = "relay-floor-awake"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.label = self.label.replace("; a floor", ", every CPU kept awake; a floor")
+
+    def available(self):
+        return super().available() or awake_spin_missing(self.ctx)
+
+    def _start(self, base_port):
+        start_awake_spin(self)
+        super()._start(base_port)
+
+    def pids(self):
+        return [p.pid for p in self.procs if not p.name.endswith("-awake-spin")]
 
 
 class MuxFloor(System):
@@ -376,10 +434,10 @@ class MuxFloor(System):
 
 
 def all_systems(ctx):
-    return [Direct(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
+    return [Direct(ctx), DirectAwake(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
-            RelayFloor(ctx), MuxFloor(ctx)]
+            RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx)]
