@@ -27,7 +27,6 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(target_os = "linux")]
 fn main() -> std::process::ExitCode {
-    use std::io::Write;
     use std::sync::mpsc;
 
     let cpus = match linux::allowed_cpus() {
@@ -69,11 +68,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     }
-    println!("{{\"ready\":true,\"cpus\":{}}}", cpus.len());
-    let _ = std::io::stdout().flush();
+    ready_line(cpus.len());
     loop {
         std::thread::park();
     }
+}
+
+/// Stdout carries only the ready line; messages go to stderr.
+#[cfg(target_os = "linux")]
+#[allow(clippy::print_stdout)]
+fn ready_line(cpus: usize) {
+    use std::io::Write;
+    println!("{{\"ready\":true,\"cpus\":{cpus}}}");
+    let _ = std::io::stdout().flush();
 }
 
 #[cfg(target_os = "linux")]
