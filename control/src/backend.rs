@@ -120,6 +120,7 @@ impl DataPlane {
                 pipe_pool: tuning.pipe_pool_size as usize,
                 busy_poll: std::time::Duration::from_micros(tuning.busy_poll_us.into()),
                 busy_poll_other_cores: tuning.busy_poll_other_cores,
+                busy_poll_sched_idle: tuning.busy_poll_sched_idle,
             };
             let set = warren_dataplane::Shards::start(cfg, board.clone())
                 .context("starting io_uring shard threads")?;

@@ -263,7 +263,7 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 15] = [
+        let rows: [(&str, String, String); 16] = [
             (
                 "backend",
                 s.tuning.backend.to_string(),
@@ -330,6 +330,11 @@ impl BenchResult {
                 "busy_poll_other_cores",
                 s.tuning.busy_poll_other_cores.to_string(),
                 c.tuning.busy_poll_other_cores.to_string(),
+            ),
+            (
+                "busy_poll_sched_idle",
+                s.tuning.busy_poll_sched_idle.to_string(),
+                c.tuning.busy_poll_sched_idle.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -424,6 +429,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "pipe_pool_size": t.pipe_pool_size,
         "busy_poll_us": t.busy_poll_us,
         "busy_poll_other_cores": t.busy_poll_other_cores,
+        "busy_poll_sched_idle": t.busy_poll_sched_idle,
     })
 }
 

@@ -419,6 +419,13 @@ pub struct Tuning {
     /// thread spins on each other shard's core, io_uring only (default true). Keeps every core
     /// of the process awake between the hops of a request; it yields to any other thread.
     pub busy_poll_other_cores: bool,
+    /// `busy_poll_sched_idle`: a shard busy-polls as `SCHED_IDLE`, io_uring only (default
+    /// true). Its core then counts as idle, so the threads its sends wake (the visitor's
+    /// program, the service) are placed on it instead of being woken on another core. It goes
+    /// back to `SCHED_OTHER` before it sleeps, under load, and for a while after it finds the
+    /// core taken by other work. Needs `CAP_SYS_NICE` or `RLIMIT_NICE` >= 20 (systemd
+    /// `LimitNICE=+0`); without, polls stay `SCHED_OTHER` with one log line.
+    pub busy_poll_sched_idle: bool,
 }
 
 impl Default for Tuning {
@@ -439,6 +446,7 @@ impl Default for Tuning {
             pipe_pool_size: 256,
             busy_poll_us: 50,
             busy_poll_other_cores: true,
+            busy_poll_sched_idle: true,
         }
     }
 }
@@ -486,6 +494,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "server.tuning.pipe_pool_size",
         "server.tuning.busy_poll_us",
         "server.tuning.busy_poll_other_cores",
+        "server.tuning.busy_poll_sched_idle",
         "client.server_addr",
         "client.name",
         "client.token",
@@ -517,6 +526,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "client.tuning.pipe_pool_size",
         "client.tuning.busy_poll_us",
         "client.tuning.busy_poll_other_cores",
+        "client.tuning.busy_poll_sched_idle",
     ]
 }
 
@@ -1460,6 +1470,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
     let pipe_pool = t.u32_or("pipe_pool_size", d.pipe_pool_size, 0..=65_536);
     let busy_poll = t.u32_or("busy_poll_us", d.busy_poll_us, 0..=10_000);
     let busy_poll_other_cores = t.optional_bool("busy_poll_other_cores");
+    let busy_poll_sched_idle = t.optional_bool("busy_poll_sched_idle");
 
     if let Some(initial) = initial {
         for (key, value) in [
@@ -1539,6 +1550,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
         busy_poll_other_cores: busy_poll_other_cores
             .ok()?
             .unwrap_or(d.busy_poll_other_cores),
+        busy_poll_sched_idle: busy_poll_sched_idle.ok()?.unwrap_or(d.busy_poll_sched_idle),
     })
 }
 
@@ -1990,7 +2002,7 @@ local_addr = "127.0.0.1:22"
             "[server.tuning]\ncores = [2, 3]\ninitial_stream_window_bytes = 1024\nmax_stream_window_bytes = 2048\n\
              session_window_bytes = 1048576\nmax_frame_payload_bytes = 16384\nquantum_bytes = 8192\n\
              read_buffer_bytes = 4096\nmax_streams_per_session = 8\nbackend = \"compat\"\nbuffer_count = 128\n\
-             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\n[server.clients.laptop]",
+             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\nbusy_poll_sched_idle = false\n[server.clients.laptop]",
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(
@@ -2011,6 +2023,7 @@ local_addr = "127.0.0.1:22"
                 pipe_pool_size: 0,
                 busy_poll_us: 0,
                 busy_poll_other_cores: false,
+                busy_poll_sched_idle: false,
             }
         );
         assert_eq!(tuning.shard_count(64), 2);
@@ -2048,7 +2061,7 @@ local_addr = "127.0.0.1:22"
         };
         let errors = errors_of(&tuned(
             "client",
-            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_other_cores = 1",
+            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_other_cores = 1\nbusy_poll_sched_idle = \"yes\"",
         ));
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -2060,6 +2073,7 @@ local_addr = "127.0.0.1:22"
                 "client.tuning.pipe_pool_size: 65537 is out of range (expected 0 to 65536)",
                 "client.tuning.busy_poll_us: 10001 is out of range (expected 0 to 10000)",
                 "client.tuning.busy_poll_other_cores: expected a boolean, found an integer",
+                "client.tuning.busy_poll_sched_idle: expected a boolean, found a string",
             ]
         );
         assert_eq!(

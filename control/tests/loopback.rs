@@ -648,3 +648,130 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
         p.shutdown().await;
     }
 }
+
+/// With `busy_poll_sched_idle` (the default) the shards busy-poll as `SCHED_IDLE`, so the
+/// threads their sends wake are placed on their core; a CPU hog on that core makes them back
+/// off to `SCHED_OTHER` polls, and round trips keep flowing meanwhile. Turned off, no poll runs
+/// as `SCHED_IDLE`. Everything runs on one core (one shard per side, pinned to the first
+/// allowed CPU) so the hog shares the shards' core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polls_run_as_sched_idle_and_back_off_from_a_busy_core_uring() {
+    if !require_uring() {
+        return;
+    }
+    if let Err(why) = warren_dataplane::sched_idle_probe() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "SCHED_IDLE busy polls are unavailable and CI=true, so this fails instead of skipping: {why}"
+        );
+        eprintln!("skipped: SCHED_IDLE busy polls are unavailable here ({why})");
+        return;
+    }
+    let core = core_affinity::get_core_ids()
+        .and_then(|c| c.first().copied())
+        .expect("an allowed CPU");
+    for on in [true, false] {
+        let tuning = format!(
+            "busy_poll_us = 200\nbusy_poll_sched_idle = {on}\ncores = [{}]",
+            core.id
+        );
+        let p = warren::loopback::Pair::start(PairSpec {
+            services: &[("echo", echo_service().await)],
+            shards: 1,
+            tuning: &tuning,
+            backend: Backend::Uring,
+            ..PairSpec::default()
+        })
+        .await
+        .unwrap();
+        let count = |d: &warren::backend::DataPlane, backoffs: bool| {
+            let s = d.stats(0);
+            if backoffs {
+                s.idle_class_backoffs.load(Ordering::Relaxed)
+            } else {
+                s.idle_class_polls.load(Ordering::Relaxed)
+            }
+        };
+        let mut s = TcpStream::connect(p.public("echo")).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut trips = 0u32;
+        // Phase 1: light traffic alone; both shards poll as SCHED_IDLE (if asked), at most 20 s.
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            round_trip_within_10s(&mut s, &mut trips).await;
+            let both = count(p.server.shards(), false) > 0 && count(p.client.shards(), false) > 0;
+            if (on && both) || (!on && trips >= 2_000) || tokio::time::Instant::now() > end {
+                break;
+            }
+        }
+        let polls = (
+            count(p.server.shards(), false),
+            count(p.client.shards(), false),
+        );
+        if !on {
+            assert_eq!(
+                polls,
+                (0, 0),
+                "busy_poll_sched_idle = false, {trips} round trips"
+            );
+            drop(s);
+            p.shutdown().await;
+            continue;
+        }
+        assert!(
+            polls.0 > 0 && polls.1 > 0,
+            "after {trips} round trips a shard never polled as SCHED_IDLE: {polls:?}"
+        );
+        // Phase 2: a SCHED_OTHER hog on the shards' core. Both shards must notice it and back
+        // off, and every round trip still completes (each within 10 s).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hog = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                core_affinity::set_for_current(core);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        let before = trips;
+        loop {
+            round_trip_within_10s(&mut s, &mut trips).await;
+            let both = count(p.server.shards(), true) > 0 && count(p.client.shards(), true) > 0;
+            if both || tokio::time::Instant::now() > end {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        hog.join().unwrap();
+        let backoffs = (
+            count(p.server.shards(), true),
+            count(p.client.shards(), true),
+        );
+        assert!(
+            backoffs.0 > 0 && backoffs.1 > 0,
+            "{} round trips with a hog on core {}: back-offs {backoffs:?}",
+            trips - before,
+            core.id
+        );
+        // And the tunnel still works once the hog is gone.
+        round_trip_within_10s(&mut s, &mut trips).await;
+        drop(s);
+        p.shutdown().await;
+    }
+}
+
+/// One 64-byte echo round trip, numbered `trips` (incremented); panics past 10 s.
+async fn round_trip_within_10s(s: &mut TcpStream, trips: &mut u32) {
+    let msg = [*trips as u8; 64];
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+    })
+    .await
+    .unwrap_or_else(|_| panic!("round trip {trips} took more than 10 s"));
+    assert_eq!(buf, msg, "round trip {trips}");
+    *trips += 1;
+}

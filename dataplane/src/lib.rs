@@ -19,6 +19,21 @@ pub use warren_compat::{
     ShardSetConfig, ShardStats,
 };
 
+/// Whether busy polls may run as `SCHED_IDLE` here (`busy_poll_sched_idle`): a thread of this
+/// process can enter `SCHED_IDLE` and come back to `SCHED_OTHER`, which needs `CAP_SYS_NICE`
+/// or `RLIMIT_NICE` >= 20. The shard set asks this once at start; the error names what
+/// refused.
+pub fn sched_idle_probe() -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    {
+        uring::sys::idle_class_reversible()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err("SCHED_IDLE busy polls exist only on Linux".into())
+    }
+}
+
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,6 +57,11 @@ pub struct UringConfig {
     /// While one shard busy-polls for its traffic, a `SCHED_IDLE` keep-awake thread on each
     /// other shard's core spins, so no core of the process halts between the hops of a request.
     pub busy_poll_other_cores: bool,
+    /// A shard busy-polls as `SCHED_IDLE` (back to `SCHED_OTHER` before it sleeps), so the
+    /// scheduler counts its core as idle and places the threads its sends wake (the visitor's
+    /// program, the service) there instead of waking another core. Needs `CAP_SYS_NICE` or
+    /// `RLIMIT_NICE` >= 20 to come back; without, it is off with a log line.
+    pub busy_poll_sched_idle: bool,
 }
 
 /// The running io_uring shards. Same surface as `warren_compat::Shards`.

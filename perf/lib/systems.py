@@ -151,7 +151,8 @@ class Warren(System):
     # reverse order, so on one host a session's two ends run on different cores. "nopoll":
     # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_other_cores =
     # false (only the shards with traffic poll; the others sleep). "poll100", "poll200":
-    # busy_poll_us = 100 / 200.
+    # busy_poll_us = 100 / 200. "otherpoll": busy_poll_sched_idle = false (busy polls run as
+    # SCHED_OTHER, so threads the shard wakes are placed on other cores).
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
@@ -159,6 +160,8 @@ class Warren(System):
                     ["busy_poll_other_cores = false"]),
         "poll100": ("busy_poll_us = 100", ["busy_poll_us = 100"], ["busy_poll_us = 100"]),
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
+        "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
+                      ["busy_poll_sched_idle = false"]),
     }
 
     def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
@@ -440,4 +443,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
+            Warren(ctx, "tcp", variant="otherpoll"),
             RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx)]

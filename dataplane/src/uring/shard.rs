@@ -81,6 +81,17 @@ const BUSY_POLL_MAX_BATCH: usize = 4;
 const BUSY_POLL_MAX_STREAMS: usize = 4;
 /// Slots of the ring's registered-file table: long-lived sockets (listeners, sessions) only.
 const FIXED_FILES: u32 = 1024;
+/// A look of a busy poll that comes this long after the one before means another thread held
+/// the shard's core (a `sched_yield` handed it a whole time slice): no `SCHED_IDLE` poll for a
+/// while (`busy_poll_sched_idle`), since as `SCHED_IDLE` the shard would wait behind that work.
+const CORE_TAKEN: Duration = Duration::from_millis(1);
+/// A `SCHED_IDLE` poll goes back to `SCHED_OTHER` this often for one look at the core (a
+/// `sched_yield`, timed against `CORE_TAKEN`) before it goes on.
+const IDLE_PROBE_EVERY: Duration = Duration::from_millis(2);
+/// First back-off after the core was found taken; doubled while it keeps being found taken, up
+/// to `IDLE_BACKOFF_MAX`, and reset after a `IDLE_BACKOFF_MAX` without.
+const IDLE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const IDLE_BACKOFF_MAX: Duration = Duration::from_secs(64);
 
 /// Builds an SQE against a registered file when the socket has a slot in the ring's file
 /// table, else against its fd: `target!(slot, fd, |t| opcode::Send::new(t, ..).build())`.
@@ -338,6 +349,16 @@ impl ShardSet {
         let mut threads = Vec::with_capacity(count);
         let mut awake = Vec::new();
         let keep_awake = cfg.busy_poll_other_cores && count > 1 && !cfg.busy_poll.is_zero();
+        let mut cfg = cfg;
+        if cfg.busy_poll_sched_idle && !cfg.busy_poll.is_zero() {
+            if let Err(why) = sys::idle_class_reversible() {
+                info!(
+                    role = %cfg.shards.name,
+                    "busy polls run as SCHED_OTHER (busy_poll_sched_idle needs the way back): {why}"
+                );
+                cfg.busy_poll_sched_idle = false;
+            }
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for i in 0..count {
             let core = match &cfg.shards.cores {
@@ -782,6 +803,16 @@ struct Shard {
     last_bulk: Instant,
     /// Completions the last non-empty turn handled (no busy poll under load).
     last_batch: usize,
+    /// Busy polls run as `SCHED_IDLE` (`busy_poll_sched_idle`, and the switch back works).
+    sched_idle: bool,
+    /// This thread is `SCHED_IDLE` now (only from a busy poll until it sleeps or gets load).
+    in_idle_class: bool,
+    /// No `SCHED_IDLE` poll before this: the core was found taken by other work.
+    idle_blocked_until: Instant,
+    /// The back-off that set `idle_blocked_until`.
+    idle_backoff: Duration,
+    /// When a `SCHED_IDLE` poll next goes back to `SCHED_OTHER` for one look at the core.
+    idle_probe_due: Instant,
 }
 
 impl Shard {
@@ -789,6 +820,7 @@ impl Shard {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
         let publish_polls = ctx.cfg.busy_poll_other_cores && ctx.mailboxes.len() > 1;
+        let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.
         let fixed_free = match ring.submitter().register_files_sparse(FIXED_FILES) {
@@ -841,6 +873,11 @@ impl Shard {
             fixed_free,
             last_bulk: clock::now(),
             last_batch: 0,
+            sched_idle,
+            in_idle_class: false,
+            idle_blocked_until: clock::now(),
+            idle_backoff: Duration::ZERO,
+            idle_probe_due: clock::now(),
         })
     }
 
@@ -896,8 +933,14 @@ impl Shard {
                 }
                 let until = deadline.map_or(until, |d| d.min(until));
                 if now < until {
+                    self.idle_class_enter();
                     has_ready = self.busy_wait(until);
                 }
+            }
+            // Never sleep, nor carry load, as SCHED_IDLE: a wake-up would then not preempt
+            // other work on the core, and load would wait behind it.
+            if self.in_idle_class && (!has_ready || !light) {
+                self.idle_class_leave();
             }
             let res = if has_ready {
                 self.ring.submit()
@@ -1007,6 +1050,93 @@ impl Shard {
         }
     }
 
+    /// Before a busy poll (`busy_poll_sched_idle`): becomes `SCHED_IDLE` unless the core was
+    /// recently found taken. As `SCHED_IDLE` the shard's core counts as idle when the scheduler
+    /// places a thread its sends wake (the visitor's program, the service, the other end of a
+    /// loopback session), so that thread runs here, preempting the poll at once, instead of on
+    /// another core: a wake-up across cores cost ~30 µs on the VM the results were measured on
+    /// (perf/results/2026-12-02-6cae71d-sched-idle-poll/). Every `IDLE_PROBE_EVERY` it first
+    /// looks at the core as `SCHED_OTHER`: one `sched_yield`, and if that gave the core away
+    /// for `CORE_TAKEN` or more, another thread has work here and it backs off.
+    fn idle_class_enter(&mut self) {
+        if !self.sched_idle {
+            return;
+        }
+        let now = clock::now();
+        if now < self.idle_blocked_until {
+            return;
+        }
+        if self.in_idle_class {
+            if now < self.idle_probe_due {
+                return;
+            }
+            self.idle_class_leave();
+        }
+        std::thread::yield_now();
+        let after = clock::now();
+        if after.saturating_duration_since(now) >= CORE_TAKEN {
+            self.idle_class_backoff(after);
+            return;
+        }
+        match sys::set_idle_class(true) {
+            Ok(()) => {
+                self.in_idle_class = true;
+                self.idle_probe_due = after + IDLE_PROBE_EVERY;
+                self.stats.idle_class_polls.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!(
+                    shard = self.index,
+                    "busy polls stay SCHED_OTHER: sched_setscheduler(SCHED_IDLE) failed: {e}"
+                );
+                self.sched_idle = false;
+            }
+        }
+    }
+
+    /// Back to `SCHED_OTHER` (before sleeping, under load, or to look at the core).
+    fn idle_class_leave(&mut self) {
+        if !self.in_idle_class {
+            return;
+        }
+        self.in_idle_class = false;
+        if let Err(e) = sys::set_idle_class(false) {
+            // The start-up probe said this works; if it stops working, stop switching.
+            warn!(
+                shard = self.index,
+                "cannot leave SCHED_IDLE ({e}): this shard thread stays SCHED_IDLE"
+            );
+            self.sched_idle = false;
+        }
+    }
+
+    /// The core was found taken by other work: poll as `SCHED_OTHER` for a back-off that
+    /// doubles while this keeps happening.
+    fn idle_class_backoff(&mut self, now: Instant) {
+        self.idle_class_leave();
+        if now < self.idle_blocked_until {
+            // Still backing off (a SCHED_OTHER poll saw it again): extend, same length.
+            self.idle_blocked_until = now + self.idle_backoff;
+            return;
+        }
+        self.idle_backoff = if self.idle_backoff.is_zero()
+            || now.saturating_duration_since(self.idle_blocked_until) > IDLE_BACKOFF_MAX
+        {
+            IDLE_BACKOFF_MIN
+        } else {
+            (self.idle_backoff * 2).min(IDLE_BACKOFF_MAX)
+        };
+        self.idle_blocked_until = now + self.idle_backoff;
+        self.stats
+            .idle_class_backoffs
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(
+            shard = self.index,
+            backoff_s = self.idle_backoff.as_secs(),
+            "core taken by other work during a busy poll: polling as SCHED_OTHER for a while"
+        );
+    }
+
     fn busy_wait(&mut self, until: Instant) -> bool {
         if let Err(e) = self.ring.submit() {
             if !matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR)) {
@@ -1014,6 +1144,7 @@ impl Shard {
             }
         }
         let mut spins: u32 = 0;
+        let mut last_look = clock::now();
         loop {
             if !self.ring.completion().is_empty() {
                 return true;
@@ -1037,7 +1168,12 @@ impl Shard {
                     return true;
                 }
             }
-            if clock::now() >= until {
+            let now = clock::now();
+            if self.sched_idle && now.saturating_duration_since(last_look) >= CORE_TAKEN {
+                self.idle_class_backoff(now);
+            }
+            last_look = now;
+            if now >= until {
                 return false;
             }
             std::thread::yield_now();

@@ -137,3 +137,48 @@ pub(crate) fn note_moved(n: usize) {
 pub(crate) fn take_moved() -> usize {
     MOVED.with(|m| m.replace(0))
 }
+
+/// Sets the calling thread's scheduling policy: `SCHED_IDLE` when `idle`, else `SCHED_OTHER`
+/// (at the thread's nice value, which `SCHED_IDLE` keeps).
+pub(crate) fn set_idle_class(idle: bool) -> io::Result<()> {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's policy from a live sched_param.
+    cvt(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(drop)
+}
+
+/// Whether a thread of this process may enter `SCHED_IDLE` and come back to `SCHED_OTHER`.
+/// Coming back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows the thread's nice value
+/// (20 for nice 0; systemd: `LimitNICE=+0`). Tried on a throwaway thread, so a refusal strands
+/// nobody in `SCHED_IDLE`; the error names what refused.
+pub(crate) fn idle_class_reversible() -> Result<(), String> {
+    let t = std::thread::Builder::new()
+        .name("warren-sched-probe".into())
+        .stack_size(64 * 1024)
+        .spawn(|| -> Result<(), String> {
+            set_idle_class(true).map_err(|e| format!("sched_setscheduler(SCHED_IDLE): {e}"))?;
+            set_idle_class(false).map_err(|e| {
+                let mut rl = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: `rl` is a valid, writable rlimit.
+                let nice = if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut rl) } == 0 {
+                    rl.rlim_cur.to_string()
+                } else {
+                    "unknown".into()
+                };
+                format!(
+                    "back to SCHED_OTHER: {e} (needs CAP_SYS_NICE or RLIMIT_NICE >= 20, \
+                     systemd LimitNICE=+0; RLIMIT_NICE is {nice})"
+                )
+            })
+        })
+        .map_err(|e| format!("spawning the probe thread: {e}"))?;
+    t.join()
+        .unwrap_or_else(|_| Err("the probe thread panicked".into()))
+}
