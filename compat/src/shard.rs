@@ -139,8 +139,9 @@ pub struct ShardStats {
     /// Spells in which this shard's keep-awake thread spun because another shard of the
     /// process busy-polled (io_uring, `busy_poll_other_cores`; always 0 on compat).
     pub awake_spells: AtomicU64,
-    /// Busy polls this shard ran as `SCHED_IDLE`, so the threads its traffic woke were placed
-    /// on its core (io_uring, `busy_poll_sched_idle`; always 0 on compat).
+    /// Times this shard switched to `SCHED_IDLE` for a busy poll (at a poll's start, and again
+    /// after each look at its core every 2 ms), so the threads its traffic woke were placed on
+    /// its core (io_uring, `busy_poll_sched_idle`; always 0 on compat).
     pub idle_class_polls: AtomicU64,
     /// Times this shard saw its core taken by other work during such a poll and went back to
     /// polling as `SCHED_OTHER` for a while (io_uring; always 0 on compat).
