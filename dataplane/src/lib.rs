@@ -19,6 +19,10 @@ pub use warren_compat::{
     ShardSetConfig, ShardStats,
 };
 
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 /// Whether busy polls may run as `SCHED_IDLE` here (`busy_poll_sched_idle`): a thread of this
 /// process can enter `SCHED_IDLE` and come back to `SCHED_OTHER`, which needs `CAP_SYS_NICE`
 /// or `RLIMIT_NICE` >= 20. The shard set asks this once at start; the error names what
@@ -33,10 +37,6 @@ pub fn sched_idle_probe() -> Result<(), String> {
         Err("SCHED_IDLE busy polls exist only on Linux".into())
     }
 }
-
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// How to start the io_uring shard set.
 #[derive(Debug, Clone)]

@@ -472,14 +472,11 @@ impl ShardSet {
 /// session) are woken on a core that is running, not on a halted vCPU (~30 µs on the VM the
 /// results were measured on). A shard's own busy poll outranks it on its core.
 fn keep_core_awake(index: usize, mailboxes: &[Mailbox], clock: PollClock, stats: &ShardStats) {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sets the calling thread's scheduling policy from a live `sched_param`.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+    if let Err(e) = sys::set_idle_class(true) {
         // Without SCHED_IDLE the spin would compete with real work: do not run.
         warn!(
             shard = index,
-            "no SCHED_IDLE for the keep-awake thread ({}): other cores may halt during busy polls",
-            io::Error::last_os_error()
+            "no SCHED_IDLE for the keep-awake thread ({e}): other cores may halt during busy polls"
         );
         return;
     }

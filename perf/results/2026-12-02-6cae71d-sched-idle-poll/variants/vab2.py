@@ -1,8 +1,10 @@
 import os, sys, json, subprocess, time, signal, statistics as st
 L="/work/main/target/release/warren-load"; B="/tmp/tgt-exp/release/warren"
 TOKEN="warren-perf-token-0123456789abcdef"
-VARS={"head":{}, "nice19":{"EXP_AWAKE_NICE19":"1"}}
+# Variant sets (argv[3]): each compares head with one environment hook of the /tmp/tgt-exp build.
+SETS={"nice19":{"EXP_AWAKE_NICE19":"1"}, "incpu":{"EXP_INCOMING_CPU":"1"}}
 WL=sys.argv[2]
+VARS={"head":{}, sys.argv[3]:SETS[sys.argv[3]]}
 rounds=int(sys.argv[1])
 echo=subprocess.Popen([L,"echo","--listen","127.0.0.1:25999"],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL,start_new_session=True)
 res={k:[] for k in VARS}; port=25000
