@@ -428,7 +428,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "pipe_size_bytes": t.pipe_size_bytes,
         "pipe_pool_size": t.pipe_pool_size,
         "busy_poll_us": t.busy_poll_us,
-        "busy_poll_other_cores": t.busy_poll_other_cores,
+        "busy_poll_other_cores": t.busy_poll_other_cores.as_str(),
         "busy_poll_sched_idle": t.busy_poll_sched_idle,
     })
 }

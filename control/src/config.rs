@@ -20,6 +20,7 @@ use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 use toml::{Table, Value};
+pub use warren_dataplane::KeepAwake;
 
 pub use crate::backend::Backend;
 
@@ -416,9 +417,11 @@ pub struct Tuning {
     /// burst; the poll yields the core to any other runnable thread.
     pub busy_poll_us: u32,
     /// `busy_poll_other_cores`: while one shard busy-polls for its own traffic, a `SCHED_IDLE`
-    /// thread spins on each other shard's core, io_uring only (default true). Keeps every core
-    /// of the process awake between the hops of a request; it yields to any other thread.
-    pub busy_poll_other_cores: bool,
+    /// thread spins on each other shard's core, io_uring only. Keeps every core of the process
+    /// awake between the hops of a request; it yields to any other thread. `true`, `false`, or
+    /// `"auto"` (default): a start-up probe turns them on only where a spinning core wakes
+    /// faster than an idle one.
+    pub busy_poll_other_cores: KeepAwake,
     /// `busy_poll_sched_idle`: a shard busy-polls as `SCHED_IDLE`, io_uring only (default
     /// true). Its core then counts as idle, so the threads its sends wake (the visitor's
     /// program, the service) are placed on it instead of being woken on another core. It goes
@@ -445,7 +448,7 @@ impl Default for Tuning {
             pipe_size_bytes: MIB,
             pipe_pool_size: 256,
             busy_poll_us: 50,
-            busy_poll_other_cores: true,
+            busy_poll_other_cores: KeepAwake::Auto,
             busy_poll_sched_idle: true,
         }
     }
@@ -659,6 +662,26 @@ impl<'t, 'e> TableReader<'t, 'e> {
             None => Ok(None),
             Some(Value::Boolean(b)) => Ok(Some(*b)),
             Some(other) => Err(self.wrong_type(self.key_path(key), "a boolean", other)),
+        }
+    }
+
+    /// `true`, `false` or `"auto"`.
+    fn optional_keep_awake(&mut self, key: &'static str) -> Field<KeepAwake> {
+        match self.lookup(key, true) {
+            None => Ok(None),
+            Some(Value::Boolean(true)) => Ok(Some(KeepAwake::On)),
+            Some(Value::Boolean(false)) => Ok(Some(KeepAwake::Off)),
+            Some(Value::String(s)) if s == "auto" => Ok(Some(KeepAwake::Auto)),
+            Some(Value::String(s)) => {
+                self.error(
+                    key,
+                    format!("{s:?} is not a choice (expected true, false or \"auto\")"),
+                );
+                Err(Invalid)
+            }
+            Some(other) => {
+                Err(self.wrong_type(self.key_path(key), "true, false or \"auto\"", other))
+            }
         }
     }
 
@@ -1469,7 +1492,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
     let pipe_size = t.u32_or("pipe_size_bytes", d.pipe_size_bytes, 4 * KIB..=16 * MIB);
     let pipe_pool = t.u32_or("pipe_pool_size", d.pipe_pool_size, 0..=65_536);
     let busy_poll = t.u32_or("busy_poll_us", d.busy_poll_us, 0..=10_000);
-    let busy_poll_other_cores = t.optional_bool("busy_poll_other_cores");
+    let busy_poll_other_cores = t.optional_keep_awake("busy_poll_other_cores");
     let busy_poll_sched_idle = t.optional_bool("busy_poll_sched_idle");
 
     if let Some(initial) = initial {
@@ -2022,7 +2045,7 @@ local_addr = "127.0.0.1:22"
                 pipe_size_bytes: 64 * 1024,
                 pipe_pool_size: 0,
                 busy_poll_us: 0,
-                busy_poll_other_cores: false,
+                busy_poll_other_cores: KeepAwake::Off,
                 busy_poll_sched_idle: false,
             }
         );
@@ -2072,7 +2095,7 @@ local_addr = "127.0.0.1:22"
                 "client.tuning.pipe_size_bytes: 33554432 is out of range (expected 4096 to 16777216)",
                 "client.tuning.pipe_pool_size: 65537 is out of range (expected 0 to 65536)",
                 "client.tuning.busy_poll_us: 10001 is out of range (expected 0 to 10000)",
-                "client.tuning.busy_poll_other_cores: expected a boolean, found an integer",
+                "client.tuning.busy_poll_other_cores: expected true, false or \"auto\", found an integer",
                 "client.tuning.busy_poll_sched_idle: expected a boolean, found a string",
             ]
         );
@@ -2097,6 +2120,39 @@ local_addr = "127.0.0.1:22"
             ),
             (Backend::Auto, 512, 1 << 20, 256, 50)
         );
+    }
+
+    #[test]
+    fn busy_poll_other_cores_takes_true_false_or_auto() {
+        let tuned = |line: &str| format!("{CLIENT}[client.tuning]\n{line}\n");
+        let keep = |line: &str| {
+            parse_config(&tuned(line))
+                .unwrap()
+                .client
+                .unwrap()
+                .tuning
+                .busy_poll_other_cores
+        };
+        assert_eq!(Tuning::default().busy_poll_other_cores, KeepAwake::Auto);
+        assert_eq!(keep("busy_poll_other_cores = true"), KeepAwake::On);
+        assert_eq!(keep("busy_poll_other_cores = false"), KeepAwake::Off);
+        assert_eq!(keep("busy_poll_other_cores = \"auto\""), KeepAwake::Auto);
+        assert_eq!(keep("busy_poll_us = 20"), KeepAwake::Auto);
+        let lines: Vec<String> = errors_of(&tuned("busy_poll_other_cores = \"yes\""))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            ["client.tuning.busy_poll_other_cores: \"yes\" is not a choice (expected true, false or \"auto\")"]
+        );
+        for k in [KeepAwake::Auto, KeepAwake::On, KeepAwake::Off] {
+            let line = match k {
+                KeepAwake::Auto => "busy_poll_other_cores = \"auto\"".to_string(),
+                _ => format!("busy_poll_other_cores = {k}"),
+            };
+            assert_eq!(keep(&line), k, "{line} reads back as itself");
+        }
     }
 
     #[test]

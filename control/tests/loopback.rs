@@ -538,7 +538,7 @@ async fn a_host_name_service_is_dialled_at_its_next_address_when_one_refuses_uri
 }
 
 /// Round trips of 64 bytes on one connection reach one server shard and one client shard; with
-/// `busy_poll_other_cores` (the default) the keep-awake thread of the other shard's core in each
+/// `busy_poll_other_cores = true` the keep-awake thread of the other shard's core in each
 /// process spins while those poll, so that core stays awake for the load generator and the
 /// service. Turned off, no keep-awake thread runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

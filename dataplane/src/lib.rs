@@ -14,6 +14,7 @@ mod probe;
 mod uring;
 
 pub use probe::{probe, Probe, Unavailable};
+
 pub use warren_compat::{
     LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
     ShardSetConfig, ShardStats,
@@ -38,6 +39,39 @@ pub fn sched_idle_probe() -> Result<(), String> {
     }
 }
 
+/// `busy_poll_other_cores`: when the shard set runs keep-awake threads on the other shards'
+/// cores during a busy poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepAwake {
+    /// Measure at start (two pinned threads ping-pong across two shard cores, with the far core
+    /// idle and with a `SCHED_IDLE` spinner on it) and run them only if the spinner makes the
+    /// round trip at least 10% faster. Keep-awake threads helped on one VM host and hurt on
+    /// another (perf/results/2026-12-02-6d5e12e346/NOTES.md).
+    #[default]
+    Auto,
+    /// Always (with more than one shard and `busy_poll_us` > 0).
+    On,
+    /// Never.
+    Off,
+}
+
+impl KeepAwake {
+    /// The TOML spelling: `"auto"`, `true`, `false`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeepAwake::Auto => "auto",
+            KeepAwake::On => "true",
+            KeepAwake::Off => "false",
+        }
+    }
+}
+
+impl std::fmt::Display for KeepAwake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How to start the io_uring shard set.
 #[derive(Debug, Clone)]
 pub struct UringConfig {
@@ -55,8 +89,9 @@ pub struct UringConfig {
     /// the core between looks); zero sleeps at once.
     pub busy_poll: std::time::Duration,
     /// While one shard busy-polls for its traffic, a `SCHED_IDLE` keep-awake thread on each
-    /// other shard's core spins, so no core of the process halts between the hops of a request.
-    pub busy_poll_other_cores: bool,
+    /// other shard's core spins, so no core of the process halts between the hops of a request:
+    /// always, never, or where a start-up probe finds that it makes a cross-core wake-up faster.
+    pub busy_poll_other_cores: KeepAwake,
     /// A shard busy-polls as `SCHED_IDLE` (back to `SCHED_OTHER` before it sleeps), so the
     /// scheduler counts its core as idle and places the threads its sends wake (the visitor's
     /// program, the service) there instead of waking another core. Needs `CAP_SYS_NICE` or

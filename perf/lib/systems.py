@@ -150,7 +150,9 @@ class Warren(System):
     # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
     # reverse order, so on one host a session's two ends run on different cores. "nopoll":
     # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_other_cores =
-    # false (only the shards with traffic poll; the others sleep). "poll100", "poll200":
+    # false (only the shards with traffic poll; the others sleep). "awake": busy_poll_other_cores =
+    # true (keep-awake threads whatever the start-up probe would say; the default is "auto").
+    # "poll100", "poll200":
     # busy_poll_us = 100 / 200. "otherpoll": busy_poll_sched_idle = false (busy polls run as
     # SCHED_OTHER, so threads the shard wakes are placed on other cores).
     VARIANTS = {
@@ -158,6 +160,8 @@ class Warren(System):
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
         "ownpoll": ("busy_poll_other_cores = false", ["busy_poll_other_cores = false"],
                     ["busy_poll_other_cores = false"]),
+        "awake": ("busy_poll_other_cores = true", ["busy_poll_other_cores = true"],
+                  ["busy_poll_other_cores = true"]),
         "poll100": ("busy_poll_us = 100", ["busy_poll_us = 100"], ["busy_poll_us = 100"]),
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
         "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
@@ -442,6 +446,7 @@ def all_systems(ctx):
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
+            Warren(ctx, "tcp", variant="awake"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
             RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx)]

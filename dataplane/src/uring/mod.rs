@@ -1,5 +1,6 @@
 //! The io_uring backend proper (Linux only).
 
+pub(crate) mod awake_probe;
 pub(crate) mod bufring;
 pub(crate) mod clock;
 pub(crate) mod probe;

@@ -31,12 +31,13 @@ use warren_compat::{
 use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
 use warren_proto::session::{Event, Readable, Role, Session};
 
+use super::awake_probe;
 use super::bufring::BufRing;
 use super::clock;
 use super::short_io;
 use super::sys::{self, Pipe};
 use crate::probe::SetupFlags;
-use crate::UringConfig;
+use crate::{KeepAwake, UringConfig};
 
 /// Submission queue entries per ring (completions: four times as many).
 const RING_ENTRIES: u32 = 4096;
@@ -348,7 +349,21 @@ impl ShardSet {
         let allowed = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(count);
         let mut awake = Vec::new();
-        let keep_awake = cfg.busy_poll_other_cores && count > 1 && !cfg.busy_poll.is_zero();
+        let cores: Vec<Option<core_affinity::CoreId>> = (0..count)
+            .map(|i| match &cfg.shards.cores {
+                Some(c) if !c.is_empty() => Some(core_affinity::CoreId { id: c[i % c.len()] }),
+                _ if !allowed.is_empty() => Some(allowed[i % allowed.len()]),
+                _ => None,
+            })
+            .collect();
+        let core_of = |i: usize| cores[i % cores.len()];
+        let keep_awake = count > 1
+            && !cfg.busy_poll.is_zero()
+            && match cfg.busy_poll_other_cores {
+                KeepAwake::On => true,
+                KeepAwake::Off => false,
+                KeepAwake::Auto => auto_keep_awake(cfg.shards.name, core_of(0), core_of(1)),
+            };
         let mut cfg = cfg;
         if cfg.busy_poll_sched_idle && !cfg.busy_poll.is_zero() {
             if let Err(why) = sys::idle_class_reversible() {
@@ -361,11 +376,7 @@ impl ShardSet {
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for i in 0..count {
-            let core = match &cfg.shards.cores {
-                Some(c) if !c.is_empty() => Some(core_affinity::CoreId { id: c[i % c.len()] }),
-                _ if !allowed.is_empty() => Some(allowed[i % allowed.len()]),
-                _ => None,
-            };
+            let core = core_of(i);
             if keep_awake {
                 let (mailboxes, stats) = (mailboxes.clone(), stats[i].clone());
                 let t = std::thread::Builder::new()
@@ -386,6 +397,7 @@ impl ShardSet {
                 stats: stats[i].clone(),
                 board: board.clone(),
                 cfg: cfg.clone(),
+                keep_awake,
                 flags: probe.setup,
             };
             let ready = ready_tx.clone();
@@ -463,6 +475,55 @@ impl ShardSet {
     }
 }
 
+/// `busy_poll_other_cores = "auto"`: runs the start-up probe between the first two shards'
+/// cores and logs what it found. Off when they share a core, when there is no core to pin to,
+/// or when the probe fails (its error is logged).
+fn auto_keep_awake(
+    role: &str,
+    a: Option<core_affinity::CoreId>,
+    b: Option<core_affinity::CoreId>,
+) -> bool {
+    let (Some(a), Some(b)) = (a, b) else {
+        info!(
+            role,
+            "no keep-awake threads (busy_poll_other_cores = auto): shards are not pinned"
+        );
+        return false;
+    };
+    if a.id == b.id {
+        info!(
+            role,
+            "no keep-awake threads (busy_poll_other_cores = auto): the shards share CPU {}", a.id
+        );
+        return false;
+    }
+    match awake_probe::measure(a.id, b.id) {
+        Ok(p) => {
+            let on = p.helps();
+            info!(
+                role,
+                idle_us = p.idle.as_secs_f64() * 1e6,
+                spinning_us = p.spinning.as_secs_f64() * 1e6,
+                "keep-awake threads {} (busy_poll_other_cores = auto): a wake-up round trip from CPU {} to CPU {} took {:.1} µs with CPU {} idle and {:.1} µs with a SCHED_IDLE spinner on it",
+                if on { "on" } else { "off" },
+                a.id,
+                b.id,
+                p.idle.as_secs_f64() * 1e6,
+                b.id,
+                p.spinning.as_secs_f64() * 1e6,
+            );
+            on
+        }
+        Err(e) => {
+            info!(
+                role,
+                "no keep-awake threads (busy_poll_other_cores = auto): the probe failed: {e}"
+            );
+            false
+        }
+    }
+}
+
 /// The keep-awake thread of shard `index`'s core (`busy_poll_other_cores`). It runs as
 /// `SCHED_IDLE`, so it gets the core only when nothing else wants it, and the scheduler counts
 /// the core as idle when it places a woken thread. It sleeps on its eventfd; kicked by another
@@ -524,6 +585,8 @@ struct Context {
     stats: Arc<ShardStats>,
     board: Arc<RouteBoard>,
     cfg: UringConfig,
+    /// Keep-awake threads run (`busy_poll_other_cores`, resolved at start).
+    keep_awake: bool,
     flags: SetupFlags,
 }
 
@@ -816,7 +879,7 @@ impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
-        let publish_polls = ctx.cfg.busy_poll_other_cores && ctx.mailboxes.len() > 1;
+        let publish_polls = ctx.keep_awake && ctx.mailboxes.len() > 1;
         let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.

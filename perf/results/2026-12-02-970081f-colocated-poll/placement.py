@@ -8,6 +8,7 @@ last CPU. Knobs (environment):
   LOAD_CPUS=a,b          pin the load generator of run i to CPU list[i % len]
   CHRT_IDLE=1            make every shard thread SCHED_IDLE for the whole run (chrt -i, root)
   HOG=0,1                a SCHED_OTHER busy loop pinned to each listed CPU during the runs
+  CLIENT_TUNING="k = v"  extra [client.tuning] lines only (e.g. cores = [1, 0])
   WARREN_BIN=path        the warren binary (default target/release/warren)
 usage: placement.py BASE_PORT RUNS  (needs target/release/{warren,warren-load})"""
 import json, os, signal, subprocess, sys, time
@@ -24,9 +25,11 @@ extra = "\n".join(x.strip() for x in os.environ.get("TUNING", "").split(";") if 
 srv = (f'[server]\nbind_addr="127.0.0.1:{base}"\ntransport="tcp"\nstate_dir="{d}/state"\n'
        f'[server.clients.perf]\ntoken="{TOKEN}"\n')
 cli = f'[client]\nserver_addr="127.0.0.1:{base}"\nname="perf"\ntoken="{TOKEN}"\ntransport="tcp"\n'
+cextra = "\n".join(x.strip() for x in os.environ.get("CLIENT_TUNING", "").split(";") if x.strip())
 if extra:
     srv += f"[server.tuning]\n{extra}\n"
-    cli += f"[client.tuning]\n{extra}\n"
+if extra or cextra:
+    cli += f"[client.tuning]\n{extra}\n{cextra}\n"
 srv += f'[server.services.echo]\nbind_addr="127.0.0.1:{base + 2}"\n'
 cli += f'[client.services.echo]\nlocal_addr="127.0.0.1:{echo}"\n'
 open(d + "/s.toml", "w").write(srv)
@@ -78,7 +81,7 @@ def halts():
         return [-1] * os.cpu_count()
 
 
-print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} TUNING={extra!r} ECHO_CPU={ecpu} "
+print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} TUNING={extra!r} CLIENT_TUNING={cextra!r} ECHO_CPU={ecpu} "
       f"LOAD_CPUS={os.environ.get('LOAD_CPUS')} CHRT_IDLE={os.environ.get('CHRT_IDLE')} HOG={os.environ.get('HOG')}")
 lcpus = [x for x in os.environ.get("LOAD_CPUS", "").split(",") if x]
 try:
