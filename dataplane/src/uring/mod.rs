@@ -2,6 +2,7 @@
 
 pub(crate) mod awake_probe;
 pub(crate) mod bufring;
+pub(crate) mod bulk;
 pub(crate) mod clock;
 pub(crate) mod probe;
 pub(crate) mod shard;

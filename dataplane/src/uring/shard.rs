@@ -33,6 +33,7 @@ use warren_proto::session::{Event, Readable, Role, Session};
 
 use super::awake_probe;
 use super::bufring::BufRing;
+use super::bulk::BulkMeter;
 use super::clock;
 use super::short_io;
 use super::sys::{self, Pipe};
@@ -69,11 +70,6 @@ const DUMP_EVERY: Duration = Duration::from_secs(2);
 const SERVE_ROUNDS: usize = 8;
 /// `io_uring_enter(2)` flag: wait for / reap completions (uapi value, stable ABI).
 const IORING_ENTER_GETEVENTS: u32 = 1;
-/// A loop turn that moved at least this many payload bytes is bulk traffic: throughput, not
-/// wake-up latency, is what counts, and a busy poll would only add CPU per byte. The shard
-/// polls again once no turn has moved that much for `BULK_QUIET`.
-const BULK_TURN_BYTES: usize = 128 * 1024;
-const BULK_QUIET: Duration = Duration::from_millis(2);
 /// A turn with more completions than this means load: the shard sleeps instead of polling.
 const BUSY_POLL_MAX_BATCH: usize = 4;
 /// With more streams than this the shard is busy enough that work arrives without a poll, and
@@ -859,8 +855,8 @@ struct Shard {
     poll_clock: PollClock,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
     fixed_free: Vec<u32>,
-    /// When a loop turn last moved at least `BULK_TURN_BYTES` (no busy poll during bulk).
-    last_bulk: Instant,
+    /// Payload bytes per ms: no busy poll during bulk traffic (see `bulk`).
+    bulk: BulkMeter,
     /// Completions the last non-empty turn handled (no busy poll under load).
     last_batch: usize,
     /// Busy polls run as `SCHED_IDLE` (`busy_poll_sched_idle`, and the switch back works).
@@ -931,7 +927,7 @@ impl Shard {
             publish_polls,
             poll_clock: ctx.poll_clock,
             fixed_free,
-            last_bulk: clock::now(),
+            bulk: BulkMeter::new(clock::now()),
             last_batch: 0,
             sched_idle,
             in_idle_class: false,
@@ -970,14 +966,12 @@ impl Shard {
             let now = clock::now();
             let deadline = self.next_deadline();
             let mut has_ready = !self.ring.completion().is_empty();
-            if sys::take_moved() >= BULK_TURN_BYTES {
-                self.last_bulk = now;
-            }
-            // Poll only while traffic is light: no bulk in the last BULK_QUIET, few completions
+            self.bulk.note(now, sys::take_moved());
+            // Poll only while traffic is light: no bulk in the last bulk::QUIET, few completions
             // in the last turn, few streams. Under load a sleeping shard wakes to a batch of
             // completions and coalesces their frames into fewer session sends; polling would
             // take them one by one.
-            let light = now.saturating_duration_since(self.last_bulk) >= BULK_QUIET
+            let light = self.bulk.is_quiet(now)
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             let few_streams = self.streams.len() <= BUSY_POLL_MAX_STREAMS;
