@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn many_small_turns_of_a_transfer_are_bulk() {
-        let t0 = Instant::now();
+        let t0 = crate::uring::clock::now();
         let mut m = BulkMeter::new(t0);
         // 16 KiB every 100 µs (160 MB/s): no turn reaches WINDOW_BYTES, the window does.
         for i in 0..3 {
@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn request_response_traffic_stays_light() {
-        let t0 = Instant::now();
+        let t0 = crate::uring::clock::now();
         let mut m = BulkMeter::new(t0);
         // 64 B each way every 20 µs, for 100 ms.
         for i in 0..5_000u32 {
@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn bytes_do_not_carry_over_into_a_later_window() {
-        let t0 = Instant::now();
+        let t0 = crate::uring::clock::now();
         let mut m = BulkMeter::new(t0);
         m.note(t0, WINDOW_BYTES - 1);
         // The next turn comes after the window closed: it starts a new one.
