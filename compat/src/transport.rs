@@ -6,7 +6,7 @@
 //! plane and the session on a shard: [`SessionIo::into_parts`] / [`SessionIo::from_parts`] move it
 //! between runtimes without losing TLS state or bytes already read.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
@@ -76,12 +76,23 @@ pub fn process_into(tls: &mut TlsConn, plain: &mut BytesMut) -> io::Result<()> {
     let state = tls
         .process_new_packets()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let avail = state.plaintext_bytes_to_read();
-    if avail > 0 {
-        let start = plain.len();
-        plain.resize(start + avail, 0);
-        let n = tls.reader().read(&mut plain[start..])?;
-        plain.truncate(start + n);
+    let mut avail = state.plaintext_bytes_to_read();
+    if avail == 0 {
+        return Ok(());
+    }
+    // Copied straight out of rustls's buffers: `Read::read` would need `plain` zero-filled
+    // first (a memset of every received byte).
+    plain.reserve(avail);
+    let mut reader = tls.reader();
+    while avail > 0 {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len();
+        plain.extend_from_slice(chunk);
+        reader.consume(n);
+        avail = avail.saturating_sub(n);
     }
     Ok(())
 }

@@ -390,11 +390,13 @@ class MuxFloor(System):
         b = self.ctx.get("mux_relay")
         return None if b and os.path.exists(b) else "mux_relay not built (cargo build --release -p warren-perf)"
 
+    extra = []
+
     def _start(self, base_port):
         for k in BACKENDS:
-            self.procs.append(Proc(f"mux-floor-{k}",
+            self.procs.append(Proc(f"{self.name}-{k}",
                                    [self.ctx["mux_relay"], "--listen", f"127.0.0.1:{self.public[k]}",
-                                    "--to", f"127.0.0.1:{self.ctx['backends'][k]}"], self.dir))
+                                    "--to", f"127.0.0.1:{self.ctx['backends'][k]}"] + self.extra, self.dir))
 
     def pids(self):
         """Each mux_relay's server process and the client process it started: the tunnel's CPU and
@@ -440,6 +442,15 @@ class MuxFloor(System):
         return None
 
 
+class MuxFloorTls(MuxFloor):
+    """mux-floor with its session over TLS 1.3 (`mux_relay --tls`: rustls's buffered API, ring,
+    AES-128-GCM, as warren's `transport = "tls"`): the floor of a TLS-multiplexed tunnel on
+    warren's TLS stack."""
+    name = "mux-floor-tls"
+    label = "mux_relay --tls (minimal multiplexed tunnel over one rustls TLS 1.3 session; a floor, not a tunnel)"
+    extra = ["--tls"]
+
+
 def all_systems(ctx):
     return [Direct(ctx), DirectAwake(ctx), KernelNat(ctx), Rathole(ctx, False), Rathole(ctx, True), Ferro(ctx),
             Bore(ctx), Warren(ctx, "tcp"), Warren(ctx, "tls"), Warren(ctx, "tcp", "compat"),
@@ -449,4 +460,4 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="awake"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
-            RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx)]
+            RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

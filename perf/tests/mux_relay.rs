@@ -36,10 +36,11 @@ struct Mux {
 }
 
 impl Mux {
-    fn start(to: SocketAddr, sessions: usize) -> Mux {
+    fn start(to: SocketAddr, sessions: usize, tls: bool) -> Mux {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mux_relay"))
             .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
             .args(["--sessions", &sessions.to_string()])
+            .args(tls.then_some("--tls"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -77,13 +78,24 @@ impl Mux {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_pass_through_intact_and_reports_count_both_processes() {
+    workloads_pass_through(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_pass_through_intact_over_tls_sessions() {
+    workloads_pass_through(true).await;
+}
+
+async fn workloads_pass_through(tls: bool) {
     let (echo, sink) = (
         start(BackendKind::Echo).await,
         start(BackendKind::Sink).await,
     );
-    let (echo_mux, sink_mux) = (Mux::start(echo, 2), Mux::start(sink, 1));
+    let (echo_mux, sink_mux) = (Mux::start(echo, 2, tls), Mux::start(sink, 1, tls));
     assert_eq!(echo_mux.ready["processes"], 2);
     assert_eq!(echo_mux.ready["sessions"], 2);
+    assert_eq!(echo_mux.ready["tls"], tls);
+    assert_eq!(sink_mux.ready["tls"], tls);
     let client_pid = echo_mux.ready["client_pid"].as_u64().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{client_pid}")).exists());
 
@@ -153,7 +165,7 @@ async fn a_refused_backend_resets_the_visitor() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mux = Mux::start(to, 1);
+    let mux = Mux::start(to, 1, false);
     let params = ConnrateParams {
         target: mux.addr.clone(),
         total: 10,

@@ -479,6 +479,16 @@ fn auto_keep_awake(
     a: Option<core_affinity::CoreId>,
     b: Option<core_affinity::CoreId>,
 ) -> bool {
+    keep_awake_by_probe(role, a, b, awake_probe::measure)
+}
+
+/// `auto_keep_awake` with the probe passed in (tests give it fixed answers).
+fn keep_awake_by_probe(
+    role: &str,
+    a: Option<core_affinity::CoreId>,
+    b: Option<core_affinity::CoreId>,
+    measure: impl FnOnce(usize, usize) -> Result<awake_probe::AwakeProbe, String>,
+) -> bool {
     let (Some(a), Some(b)) = (a, b) else {
         info!(
             role,
@@ -493,7 +503,7 @@ fn auto_keep_awake(
         );
         return false;
     }
-    match awake_probe::measure(a.id, b.id) {
+    match measure(a.id, b.id) {
         Ok(p) => {
             let on = p.helps();
             info!(
@@ -548,14 +558,7 @@ fn keep_core_awake(index: usize, mailboxes: &[Mailbox], clock: PollClock, stats:
             .unwrap_or(0)
     };
     loop {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from the eventfd this mailbox owns.
-        let n = unsafe { libc::read(me.awake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        if let Err(e) = sys::eventfd_read_blocking(me.awake.as_raw_fd()) {
             warn!(shard = index, "keep-awake thread stopped: {e}");
             return;
         }
@@ -3641,4 +3644,44 @@ fn service_socket(addr: SocketAddr) -> io::Result<TcpStream> {
         None,
     )?;
     Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awake_probe::AwakeProbe;
+    use core_affinity::CoreId;
+
+    fn probe(idle_us: u64, spinning_us: u64) -> Result<AwakeProbe, String> {
+        Ok(AwakeProbe {
+            idle: Duration::from_micros(idle_us),
+            spinning: Duration::from_micros(spinning_us),
+        })
+    }
+
+    #[test]
+    fn auto_keep_awake_follows_the_probe() {
+        let (c0, c1) = (Some(CoreId { id: 0 }), Some(CoreId { id: 1 }));
+        // The probe runs between the first two shards' cores and decides.
+        let mut asked = None;
+        let on = keep_awake_by_probe("test", c0, c1, |a, b| {
+            asked = Some((a, b));
+            probe(85, 66)
+        });
+        assert!(
+            on,
+            "a spinner that cuts the round trip to 78% turns them on"
+        );
+        assert_eq!(asked, Some((0, 1)));
+        assert!(!keep_awake_by_probe("test", c0, c1, |_, _| probe(30, 38)));
+        assert!(!keep_awake_by_probe("test", c0, c1, |_, _| Err(
+            "no answer".into()
+        )));
+        // No probe at all when the shards share a core or are not pinned.
+        let never =
+            |_: usize, _: usize| -> Result<AwakeProbe, String> { panic!("the probe must not run") };
+        assert!(!keep_awake_by_probe("test", c0, c0, never));
+        assert!(!keep_awake_by_probe("test", None, c1, never));
+        assert!(!keep_awake_by_probe("test", c0, None, never));
+    }
 }

@@ -54,6 +54,30 @@ fn eventfd_with(flags: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Waits for a blocking eventfd (`eventfd_blocking`) to be signalled and resets its counter,
+/// retrying when a signal interrupts the read.
+pub(crate) fn eventfd_read_blocking(fd: RawFd) -> io::Result<()> {
+    let mut v = 0u64;
+    loop {
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd the caller owns.
+        let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            return Ok(());
+        }
+        let e = if n < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("eventfd read returned {n} bytes"),
+            )
+        };
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Adds 1 to an eventfd. EAGAIN (counter saturated) still means the reader will wake.
 pub(crate) fn eventfd_wake(fd: RawFd) {
     let one: u64 = 1;

@@ -67,6 +67,15 @@
 //! process group; the server decides), and is stopped and reaped by the server on SIGTERM/SIGINT
 //! (the server closes the control socket; the client answers with its last counters and exits).
 //! A session that ends or fails ends both processes (exit 1): there is no reconnection.
+//!
+//! `--tls` runs every session over TLS 1.3 (rustls's buffered API, ring, AES-128-GCM: warren's
+//! provider and suite), the floor of a TLS-multiplexed tunnel. The server makes a self-signed
+//! certificate at start and hands it to the client process on its command line (the client
+//! trusts exactly that one); each session's handshake runs on the blocking socket before the
+//! event loop, with no session tickets. Reading a session: `recv` into the 256 KiB buffer as in
+//! plain mode, fed to `read_tls` + `process_new_packets`, the plaintext copied into the frame
+//! input. Writing: the batch's frames go to `writer()` (encrypted into records) once rustls has
+//! sent its previous records, and `write_tls` sends them with `writev` until `EAGAIN`.
 
 // Raw epoll, signalfd, accept4, socket, connect, recv/send, prctl, wait4 and getrusage are all FFI
 // calls that need `unsafe`, which the workspace denies by default.
@@ -159,6 +168,12 @@ mod linux {
         /// Internal (client): the server's session listener.
         #[arg(long, hide = true)]
         server: Option<SocketAddr>,
+        /// Run the sessions over TLS 1.3 (rustls, AES-128-GCM), as warren's `transport = "tls"`.
+        #[arg(long)]
+        tls: bool,
+        /// Internal (client, with --tls): the server's certificate, DER in hex.
+        #[arg(long, hide = true)]
+        tls_cert: Option<String>,
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,13 +207,27 @@ mod linux {
         let addr = public.local_addr().context("getsockname")?;
         let session_listener = TcpListener::bind("127.0.0.1:0").context("bind session listener")?;
         let session_addr = session_listener.local_addr().context("getsockname")?;
-        let mut child = ChildLink::spawn(cli, session_addr)?;
+        let tls = cli.tls.then(tls::server).transpose()?;
+        let cert = tls.as_ref().map(|(_, der)| tls::hex(der));
+        let mut child = ChildLink::spawn(cli, session_addr, cert.as_deref())?;
         let mut sessions = Vec::with_capacity(cli.sessions);
         for i in 0..cli.sessions {
-            let s = child
+            let mut s = child
                 .accept(&session_listener)
                 .with_context(|| format!("session {i} from the client process"))?;
-            sessions.push(s);
+            let conn = match &tls {
+                Some((cfg, _)) => Some(
+                    tls::handshake(
+                        rustls::ServerConnection::new(cfg.clone())
+                            .context("TLS server connection")?
+                            .into(),
+                        &mut s,
+                    )
+                    .with_context(|| format!("session {i}: TLS handshake"))?,
+                ),
+                None => None,
+            };
+            sessions.push((s, conn));
         }
         drop(session_listener);
         let ep = epoll()?;
@@ -256,10 +285,27 @@ mod linux {
             libc::signal(libc::SIGUSR1, libc::SIG_IGN);
         }
         let mut sessions = Vec::with_capacity(cli.sessions);
+        let tls = match (cli.tls, cli.tls_cert.as_deref()) {
+            (true, Some(cert)) => Some(tls::client(cert)?),
+            (true, None) => bail!("--tls needs --tls-cert in the client role"),
+            (false, _) => None,
+        };
         for i in 0..cli.sessions {
-            let s = TcpStream::connect(server)
+            let mut s = TcpStream::connect(server)
                 .with_context(|| format!("session {i}: connect {server}"))?;
-            sessions.push(s);
+            let conn = match &tls {
+                Some(cfg) => Some(
+                    tls::handshake(
+                        rustls::ClientConnection::new(cfg.clone(), tls::name())
+                            .context("TLS client connection")?
+                            .into(),
+                        &mut s,
+                    )
+                    .with_context(|| format!("session {i}: TLS handshake"))?,
+                ),
+                None => None,
+            };
+            sessions.push((s, conn));
         }
         let ep = epoll()?;
         // The control socket is our stdin (and stdout); read with MSG_DONTWAIT.
@@ -287,7 +333,7 @@ mod linux {
     }
 
     impl ChildLink {
-        fn spawn(cli: &Cli, session_addr: SocketAddr) -> Result<ChildLink> {
+        fn spawn(cli: &Cli, session_addr: SocketAddr, tls_cert: Option<&str>) -> Result<ChildLink> {
             let mut fds = [-1 as libc::c_int; 2];
             let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
             // SAFETY: fds is a valid out-parameter of two c_ints.
@@ -308,6 +354,7 @@ mod linux {
                     "--sessions",
                     &cli.sessions.to_string(),
                 ])
+                .args(tls_cert.map_or(vec![], |c| vec!["--tls", "--tls-cert", c]))
                 .stdin(Stdio::from(theirs))
                 .stdout(Stdio::from(theirs_out))
                 .stderr(Stdio::inherit());
@@ -558,12 +605,23 @@ mod linux {
         over_high: usize,
         accepted: u64,
         completed: u64,
+        /// `--tls`: the session's rustls connection; `inb` then holds plaintext, and `cipher`
+        /// the records received and not yet given to rustls.
+        tls: Option<Box<rustls::Connection>>,
+        cipher: Vec<u8>,
+        cipher_at: usize,
+        cipher_len: usize,
         _sock: TcpStream,
     }
 
     impl Session {
         fn pending(&self) -> usize {
             self.out.len() - self.out_pos
+        }
+
+        /// Worth reading: the socket may have bytes, or (TLS) received bytes wait in rustls.
+        fn readable(&mut self) -> bool {
+            self.rd || (self.tls.is_some() && tls::pending_input(self))
         }
     }
 
@@ -625,9 +683,13 @@ mod linux {
     }
 
     impl Mux {
-        fn new(ep: OwnedFd, socks: Vec<TcpStream>, to: Option<&SocketAddr>) -> Result<Mux> {
+        fn new(
+            ep: OwnedFd,
+            socks: Vec<(TcpStream, Option<rustls::Connection>)>,
+            to: Option<&SocketAddr>,
+        ) -> Result<Mux> {
             let mut sessions = Vec::with_capacity(socks.len());
-            for (i, s) in socks.into_iter().enumerate() {
+            for (i, (s, tls)) in socks.into_iter().enumerate() {
                 s.set_nodelay(true).context("session TCP_NODELAY")?;
                 s.set_nonblocking(true).context("session O_NONBLOCK")?;
                 let fd = s.as_raw_fd();
@@ -646,6 +708,14 @@ mod linux {
                     over_high: 0,
                     accepted: 0,
                     completed: 0,
+                    cipher: if tls.is_some() {
+                        vec![0; SESSION_IN]
+                    } else {
+                        Vec::new()
+                    },
+                    cipher_at: 0,
+                    cipher_len: 0,
+                    tls: tls.map(Box::new),
                     _sock: s,
                 });
             }
@@ -811,6 +881,7 @@ mod linux {
                     "nvcsw": me.ru_nvcsw + cv, "nivcsw": me.ru_nivcsw + civ,
                     "wall_s": self.started.elapsed().as_secs_f64(),
                     "threads": 1, "processes": 2, "sessions": self.sessions.len(),
+                    "tls": self.sessions.first().is_some_and(|s| s.tls.is_some()),
                     "client_pid": srv.child.pid,
                     "server_cpu_s": scpu, "server_user_s": su, "server_sys_s": ss,
                     "server_cpu_us_per_conn": per(scpu),
@@ -1007,7 +1078,7 @@ mod linux {
         fn read_session(&mut self, i: usize) -> Result<()> {
             loop {
                 let s = &mut self.sessions[i];
-                if !s.rd || s.over_high > 0 {
+                if !s.readable() || s.over_high > 0 {
                     return Ok(());
                 }
                 if s.start > 0 {
@@ -1015,6 +1086,16 @@ mod linux {
                     (s.start, s.end) = (0, s.end - s.start);
                 }
                 let room = s.inb.len() - s.end;
+                if s.tls.is_some() {
+                    if tls::read(s, room).with_context(|| format!("session {i}: TLS"))? == 0 {
+                        continue; // s.rd is false now: the socket is empty.
+                    }
+                    let inb = take(&mut self.sessions[i].inb);
+                    let r = self.parse(i, &inb);
+                    self.sessions[i].inb = inb;
+                    r?;
+                    continue;
+                }
                 // SAFETY: inb[end..] is valid for `room` writable bytes.
                 let r = unsafe { libc::recv(s.fd, s.inb[s.end..].as_mut_ptr().cast(), room, 0) };
                 match cvt(r) {
@@ -1318,7 +1399,7 @@ mod linux {
             loop {
                 let mut again = false;
                 for i in 0..self.sessions.len() {
-                    if self.sessions[i].over_high == 0 && self.sessions[i].rd {
+                    if self.sessions[i].over_high == 0 && self.sessions[i].readable() {
                         self.read_session(i)?;
                     }
                     self.flush(i)?;
@@ -1342,6 +1423,9 @@ mod linux {
         /// Sends a session's output until it is empty or the socket is full.
         fn flush(&mut self, i: usize) -> Result<()> {
             let s = &mut self.sessions[i];
+            if s.tls.is_some() {
+                return tls::flush(s).with_context(|| format!("session {i}: TLS send"));
+            }
             while s.out_pos < s.out.len() {
                 if !s.wr {
                     return Ok(());
@@ -1472,6 +1556,251 @@ mod linux {
         if fd >= 0 {
             // SAFETY: the fd belongs to a stream being torn down; nothing uses it afterwards.
             unsafe { libc::close(fd) };
+        }
+    }
+
+    /// `--tls`: rustls for the sessions (see the module docs).
+    mod tls {
+        use super::{cvt, Session, OUT_HIGH, SESSION_IN};
+        use anyhow::{bail, Context, Result};
+        use rustls::client::danger::{
+            HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+        };
+        use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+        use rustls::{DigitallySignedStruct, SignatureScheme};
+        use std::io::{self, BufRead, Write};
+        use std::net::TcpStream;
+        use std::os::fd::RawFd;
+        use std::sync::Arc;
+
+        /// warren's choice: ring, AES-128-GCM first, TLS 1.3 only here.
+        fn provider() -> Arc<CryptoProvider> {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
+            Arc::new(p)
+        }
+
+        pub(super) fn name() -> ServerName<'static> {
+            ServerName::try_from("localhost").expect("a valid DNS name")
+        }
+
+        /// A fresh self-signed certificate: the server's config and the certificate's DER.
+        pub(super) fn server() -> Result<(Arc<rustls::ServerConfig>, Vec<u8>)> {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+                .context("self-signed certificate")?;
+            let der = ck.cert.der().to_vec();
+            let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
+                .map_err(|e| anyhow::anyhow!("private key: {e}"))?;
+            let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .context("TLS 1.3")?
+                .with_no_client_auth()
+                .with_single_cert(vec![CertificateDer::from(der.clone())], key)
+                .context("server certificate")?;
+            cfg.send_tls13_tickets = 0;
+            Ok((Arc::new(cfg), der))
+        }
+
+        /// The client's config: trusts exactly the certificate `hex_der`.
+        pub(super) fn client(hex_der: &str) -> Result<Arc<rustls::ClientConfig>> {
+            let der = unhex(hex_der).context("--tls-cert is not hex")?;
+            let provider = provider();
+            let verifier = Pinned {
+                der,
+                algorithms: provider.signature_verification_algorithms,
+            };
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .context("TLS 1.3")?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            Ok(Arc::new(cfg))
+        }
+
+        /// Runs the handshake on the (still blocking) session socket.
+        pub(super) fn handshake(
+            mut conn: rustls::Connection,
+            sock: &mut TcpStream,
+        ) -> Result<rustls::Connection> {
+            // The batch's frames are encrypted at once; rustls's 64 KiB default would refuse them.
+            conn.set_buffer_limit(None);
+            while conn.is_handshaking() {
+                conn.complete_io(sock)?;
+            }
+            while conn.wants_write() {
+                conn.write_tls(sock)?;
+            }
+            Ok(conn)
+        }
+
+        /// Moves plaintext into `s.inb[s.end..]` (at most `room` bytes): what rustls holds,
+        /// else the records in `s.cipher`, else a new `recv` of the socket. Returns the bytes
+        /// added; 0 means the socket is empty (`s.rd` is then false).
+        pub(super) fn read(s: &mut Session, room: usize) -> Result<usize> {
+            let tls = s.tls.as_mut().expect("a TLS session");
+            loop {
+                let mut reader = tls.reader();
+                match reader.fill_buf() {
+                    Ok(chunk) if !chunk.is_empty() => {
+                        let n = chunk.len().min(room);
+                        s.inb[s.end..s.end + n].copy_from_slice(&chunk[..n]);
+                        reader.consume(n);
+                        s.end += n;
+                        return Ok(n);
+                    }
+                    Ok(_) => bail!("the peer sent close_notify"),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if s.cipher_at < s.cipher_len {
+                    let mut rest = &s.cipher[s.cipher_at..s.cipher_len];
+                    let n = tls.read_tls(&mut rest)?;
+                    s.cipher_at += n;
+                    tls.process_new_packets()?;
+                    continue;
+                }
+                if !s.rd {
+                    return Ok(0);
+                }
+                // SAFETY: cipher is valid for SESSION_IN writable bytes.
+                let r = unsafe { libc::recv(s.fd, s.cipher.as_mut_ptr().cast(), SESSION_IN, 0) };
+                match cvt(r) {
+                    Ok(0) => bail!("closed by the other process"),
+                    Ok(n) => {
+                        (s.cipher_at, s.cipher_len) = (0, n);
+                        if n < SESSION_IN {
+                            s.rd = false; // Short read: the socket is empty.
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.rd = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("recv"),
+                }
+            }
+        }
+
+        /// Bytes are still waiting in rustls or in `s.cipher` (the session must be read even
+        /// though its socket is empty).
+        pub(super) fn pending_input(s: &mut Session) -> bool {
+            s.cipher_at < s.cipher_len
+                || s.tls
+                    .as_mut()
+                    .is_some_and(|t| t.reader().fill_buf().is_ok_and(|c| !c.is_empty()))
+        }
+
+        /// Encrypts the batch's frames once rustls has sent what it had, and sends records
+        /// until the socket is full.
+        pub(super) fn flush(s: &mut Session) -> Result<()> {
+            let tls = s.tls.as_mut().expect("a TLS session");
+            loop {
+                if !s.wr {
+                    return Ok(());
+                }
+                if tls.wants_write() {
+                    match tls.write_tls(&mut Sock(s.fd)) {
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.wr = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e).context("send"),
+                    }
+                    continue;
+                }
+                if s.out_pos == s.out.len() {
+                    break;
+                }
+                tls.writer().write_all(&s.out[s.out_pos..])?;
+                s.out_pos = s.out.len();
+            }
+            s.out.clear();
+            s.out_pos = 0;
+            if s.out.capacity() > 4 * OUT_HIGH {
+                s.out.shrink_to(SESSION_IN);
+            }
+            Ok(())
+        }
+
+        /// The session socket as rustls's writer: `sendmsg` of rustls's records, no SIGPIPE.
+        struct Sock(RawFd);
+
+        impl Write for Sock {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.write_vectored(&[io::IoSlice::new(buf)])
+            }
+            fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                // SAFETY: msghdr is plain old data, all-zero is valid; the iovecs point at live
+                // slices for the duration of the call (IoSlice is ABI-compatible with iovec).
+                let r = unsafe {
+                    let mut m: libc::msghdr = std::mem::zeroed();
+                    m.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                    m.msg_iovlen = bufs.len() as _;
+                    libc::sendmsg(self.0, &m, libc::MSG_NOSIGNAL)
+                };
+                cvt(r)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        /// Accepts exactly the server's certificate (and checks the handshake signature).
+        #[derive(Debug)]
+        struct Pinned {
+            der: Vec<u8>,
+            algorithms: WebPkiSupportedAlgorithms,
+        }
+
+        impl ServerCertVerifier for Pinned {
+            fn verify_server_cert(
+                &self,
+                end_entity: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: UnixTime,
+            ) -> Result<ServerCertVerified, rustls::Error> {
+                if end_entity.as_ref() == self.der.as_slice() {
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    Err(rustls::Error::General(
+                        "not the server's certificate".into(),
+                    ))
+                }
+            }
+            fn verify_tls12_signature(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+            }
+            fn verify_tls13_signature(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+            }
+            fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+                self.algorithms.supported_schemes()
+            }
+        }
+
+        pub(super) fn hex(b: &[u8]) -> String {
+            b.iter().map(|x| format!("{x:02x}")).collect()
+        }
+
+        fn unhex(s: &str) -> Option<Vec<u8>> {
+            if s.len() % 2 != 0 {
+                return None;
+            }
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+                .collect()
         }
     }
 }
