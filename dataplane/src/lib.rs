@@ -14,7 +14,6 @@ mod probe;
 mod uring;
 
 pub use probe::{probe, Probe, Unavailable};
-
 pub use warren_compat::{
     LocalService, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
     ShardSetConfig, ShardStats,

@@ -6,7 +6,9 @@
 //! shard makes more, shorter reads for the same bytes. Judging "bulk" by the bytes of one turn
 //! fed that back: once polls had made the turns small, no turn was big enough to stop them (a
 //! 1 GiB transfer started 150-300 polls). So the meter counts payload bytes over a window of
-//! wall time, which a poll does not change.
+//! wall time, which a poll does not change. (A transfer that stalls for more than `QUIET`, as
+//! single-stream bulk does in its slow state on the AMD host, still lets polls in between:
+//! perf/results/2026-12-02-bulk-window/README.md.)
 
 use std::time::{Duration, Instant};
 

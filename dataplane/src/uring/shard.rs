@@ -851,8 +851,8 @@ struct Shard {
     busy_poll: Duration,
     /// When the last completion other than a mailbox wake arrived (drives `busy_poll`).
     last_io: Instant,
-    /// Publish this shard's busy polls and kick the other cores' keep-awake threads
-    /// (`busy_poll_other_cores`). Off with one shard.
+    /// Publish this shard's busy polls and kick the other cores' keep-awake threads: the
+    /// shard set runs them (`Context::keep_awake`, never with one shard).
     publish_polls: bool,
     /// Time base of `Mailbox::poll_until`.
     poll_clock: PollClock,
@@ -878,7 +878,7 @@ impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
         let busy_poll = ctx.cfg.busy_poll;
-        let publish_polls = ctx.keep_awake && ctx.mailboxes.len() > 1;
+        let publish_polls = ctx.keep_awake;
         let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.

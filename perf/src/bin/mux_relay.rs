@@ -68,8 +68,8 @@
 //! (the server closes the control socket; the client answers with its last counters and exits).
 //! A session that ends or fails ends both processes (exit 1): there is no reconnection.
 //!
-//! `--tls` runs every session over TLS 1.3 (rustls's buffered API, ring, AES-128-GCM: warren's
-//! provider and suite), the floor of a TLS-multiplexed tunnel. The server makes a self-signed
+//! `--tls` runs every session over TLS 1.3 (rustls's buffered API, ring, AES-128-GCM: the
+//! provider and the suite two warren peers negotiate), the floor of a TLS-multiplexed tunnel. The server makes a self-signed
 //! certificate at start and hands it to the client process on its command line (the client
 //! trusts exactly that one); each session's handshake runs on the blocking socket before the
 //! event loop, with no session tickets. Reading a session: `recv` into the 256 KiB buffer as in
@@ -215,18 +215,10 @@ mod linux {
             let mut s = child
                 .accept(&session_listener)
                 .with_context(|| format!("session {i} from the client process"))?;
-            let conn = match &tls {
-                Some((cfg, _)) => Some(
-                    tls::handshake(
-                        rustls::ServerConnection::new(cfg.clone())
-                            .context("TLS server connection")?
-                            .into(),
-                        &mut s,
-                    )
-                    .with_context(|| format!("session {i}: TLS handshake"))?,
-                ),
-                None => None,
-            };
+            let conn = tls
+                .as_ref()
+                .map(|(cfg, _)| tls::server_session(cfg, &mut s, i))
+                .transpose()?;
             sessions.push((s, conn));
         }
         drop(session_listener);
@@ -293,18 +285,10 @@ mod linux {
         for i in 0..cli.sessions {
             let mut s = TcpStream::connect(server)
                 .with_context(|| format!("session {i}: connect {server}"))?;
-            let conn = match &tls {
-                Some(cfg) => Some(
-                    tls::handshake(
-                        rustls::ClientConnection::new(cfg.clone(), tls::name())
-                            .context("TLS client connection")?
-                            .into(),
-                        &mut s,
-                    )
-                    .with_context(|| format!("session {i}: TLS handshake"))?,
-                ),
-                None => None,
-            };
+            let conn = tls
+                .as_ref()
+                .map(|cfg| tls::client_session(cfg, &mut s, i))
+                .transpose()?;
             sessions.push((s, conn));
         }
         let ep = epoll()?;
@@ -1574,15 +1558,12 @@ mod linux {
         use std::os::fd::RawFd;
         use std::sync::Arc;
 
-        /// warren's choice: ring, AES-128-GCM first, TLS 1.3 only here.
+        /// ring with TLS 1.3 AES-128-GCM only: what two warren peers negotiate (warren offers it
+        /// first and keeps the other suites for other peers; this floor talks only to itself).
         fn provider() -> Arc<CryptoProvider> {
             let mut p = rustls::crypto::ring::default_provider();
             p.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
             Arc::new(p)
-        }
-
-        pub(super) fn name() -> ServerName<'static> {
-            ServerName::try_from("localhost").expect("a valid DNS name")
         }
 
         /// A fresh self-signed certificate: the server's config and the certificate's DER.
@@ -1619,8 +1600,31 @@ mod linux {
             Ok(Arc::new(cfg))
         }
 
+        /// Session `i`'s TLS, server side: the handshake on the (still blocking) socket.
+        pub(super) fn server_session(
+            cfg: &Arc<rustls::ServerConfig>,
+            sock: &mut TcpStream,
+            i: usize,
+        ) -> Result<rustls::Connection> {
+            let conn =
+                rustls::ServerConnection::new(cfg.clone()).context("TLS server connection")?;
+            handshake(conn.into(), sock).with_context(|| format!("session {i}: TLS handshake"))
+        }
+
+        /// Session `i`'s TLS, client side (the server's name does not matter: the pin decides).
+        pub(super) fn client_session(
+            cfg: &Arc<rustls::ClientConfig>,
+            sock: &mut TcpStream,
+            i: usize,
+        ) -> Result<rustls::Connection> {
+            let name = ServerName::try_from("localhost").expect("a valid DNS name");
+            let conn = rustls::ClientConnection::new(cfg.clone(), name)
+                .context("TLS client connection")?;
+            handshake(conn.into(), sock).with_context(|| format!("session {i}: TLS handshake"))
+        }
+
         /// Runs the handshake on the (still blocking) session socket.
-        pub(super) fn handshake(
+        fn handshake(
             mut conn: rustls::Connection,
             sock: &mut TcpStream,
         ) -> Result<rustls::Connection> {
