@@ -189,6 +189,7 @@ pub fn scheduler_config() -> SessionConfig {
         local: params,
         peer: params,
         max_stream_window: 1024 * 1024,
+        smoothed_rtt_window: 1024 * 1024,
         quantum: 64 * 1024,
         stream_send_buffer: 1024 * 1024,
         keepalive_interval: Duration::from_millis(KEEPALIVE_MS),

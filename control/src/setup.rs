@@ -33,6 +33,8 @@ pub fn session_config(
         local: local_params(t),
         peer,
         max_stream_window: t.max_stream_window_bytes,
+        // The io_uring driver lowers it to its splice pipe's capacity on plain-TCP sessions.
+        smoothed_rtt_window: t.max_stream_window_bytes,
         quantum: t.quantum_bytes,
         // Two reads' worth: one being framed while the next is read.
         stream_send_buffer: t.read_buffer_bytes.saturating_mul(2),

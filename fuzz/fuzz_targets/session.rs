@@ -147,6 +147,9 @@ impl Harness {
             local,
             peer,
             max_stream_window: local.initial_stream_window * (1 + u32::from(input.u8() % 4)),
+            // Both tuning rules run: windows grow on the smoothed RTT to twice the initial
+            // window, on the minimum RTT beyond (no input byte, so old seeds keep meaning).
+            smoothed_rtt_window: local.initial_stream_window.saturating_mul(2),
             quantum: 1024 * (1 + u32::from(input.u8() % 8)),
             stream_send_buffer: 1024 * (1 + u32::from(input.u8() % 16)),
             keepalive_interval: keepalive,

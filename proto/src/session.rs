@@ -46,6 +46,13 @@ pub struct SessionConfig {
     pub peer: PeerParams,
     /// Ceiling for auto-tuned per-stream receive windows.
     pub max_stream_window: u32,
+    /// Receive windows smaller than this grow on the smoothed RTT, larger ones only on the
+    /// minimum RTT. The smoothed RTT includes the queueing a stream's own bulk data causes, so
+    /// it lets a window grow for that queue; that costs nothing while the driver moves the
+    /// window's bytes without copying them (the io_uring driver sets this to its splice pipe's
+    /// capacity) and memory and copies beyond it. `max_stream_window` keeps the smoothed RTT
+    /// throughout.
+    pub smoothed_rtt_window: u32,
     /// Bytes one stream may send before the scheduler moves to the next ready stream.
     pub quantum: u32,
     /// Bytes a stream may hold queued in userspace for sending (beyond that the driver stops
@@ -219,7 +226,21 @@ pub struct SessionStats {
     pub recv_windows: u64,
     /// Smoothed round-trip time from PING/PONG, once measured.
     pub rtt: Option<Duration>,
+    /// The smallest round-trip time measured lately (see [`MIN_RTT_LIFETIME`]): the path's
+    /// own delay without the queueing our traffic adds. Window auto-tuning uses it.
+    pub min_rtt: Option<Duration>,
 }
+
+/// PINGs sent back to back when a session starts (each one as the previous PONG arrives), so
+/// the minimum RTT that window auto-tuning uses does not rest on the first probe alone, which
+/// pays for cold caches and sleeping threads.
+const STARTUP_PINGS: u8 = 4;
+/// How long the minimum RTT stands before a newer sample replaces it even if larger (a path
+/// that really got slower); at the default keepalive that is 30 samples.
+pub const MIN_RTT_LIFETIME: Duration = Duration::from_secs(300);
+/// The smallest RTT auto-tuning assumes: below it, scheduling noise on a busy host, not the
+/// path, decides how fast credit comes back.
+const MIN_TUNING_RTT: Duration = Duration::from_micros(100);
 
 /// A read that large is split so one stream cannot hand the driver an arbitrary amount.
 const SMALL_CHUNK: usize = 16 * 1024;
@@ -306,6 +327,10 @@ pub struct Session {
     ping_in_flight: Option<(u64, Instant)>,
     ping_seq: u64,
     srtt: Option<Duration>,
+    /// The smallest recent RTT sample and when it was taken (see [`MIN_RTT_LIFETIME`]).
+    min_rtt: Option<(Duration, Instant)>,
+    /// Start-up PINGs still to send (see [`STARTUP_PINGS`]).
+    startup_pings: u8,
     goaway_sent: bool,
     goaway_received: bool,
     closed: Option<SessionError>,
@@ -341,6 +366,8 @@ impl Session {
             ping_in_flight: None,
             ping_seq: 0,
             srtt: None,
+            min_rtt: None,
+            startup_pings: STARTUP_PINGS - 1,
             goaway_sent: false,
             goaway_received: false,
             closed: None,
@@ -360,6 +387,7 @@ impl Session {
         SessionStats {
             streams: self.streams.len(),
             rtt: self.srtt,
+            min_rtt: self.min_rtt.map(|(rtt, _)| rtt),
             ..self.stats
         }
     }
@@ -511,6 +539,16 @@ impl Session {
                             None => sample,
                             Some(old) => (old * 7 + sample) / 8,
                         });
+                        let stale = |(min, at): (Duration, Instant)| {
+                            sample <= min || now.saturating_duration_since(at) > MIN_RTT_LIFETIME
+                        };
+                        if self.min_rtt.is_none_or(stale) {
+                            self.min_rtt = Some((sample, now));
+                        }
+                        if self.startup_pings > 0 {
+                            self.startup_pings -= 1;
+                            self.send_ping(now);
+                        }
                     }
                 }
                 Ok(())
@@ -981,13 +1019,15 @@ impl Session {
         let n = chunk.len() as u32;
         s.recv_buffered -= n;
         self.stats.recv_buffered -= u64::from(n);
-        self.consumed(now, id, n);
+        self.consumed(now, id, n, 0);
         Readable::Data(chunk)
     }
 
     /// `n` bytes of stream `id` reached the local socket: grant credit back (from here, never
-    /// on receipt), auto-tuning the window.
-    fn consumed(&mut self, now: Instant, id: StreamId, n: u32) {
+    /// on receipt), auto-tuning the window. `driver_backlog`: bytes of the stream that have
+    /// arrived and still wait in the driver's hands for the local socket (see
+    /// [`Session::stream_consumed_external`]).
+    fn consumed(&mut self, now: Instant, id: StreamId, n: u32, driver_backlog: u32) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -996,10 +1036,25 @@ impl Session {
         if !s.recv_fin && s.recv_unacked >= s.recv_window / 2 {
             let mut inc = s.recv_unacked;
             // Auto-tune: half a window consumed in under one RTT means the window, not the
-            // consumer, limits the stream; double it up to the ceiling.
-            if let (Some(last), Some(rtt)) = (s.last_grant, self.srtt) {
-                if now.saturating_duration_since(last) < rtt.max(Duration::from_micros(100))
+            // consumer, limits the stream; double it up to the ceiling. Past
+            // `smoothed_rtt_window` the RTT is the minimum, not the smoothed one: a PING that
+            // waited behind our own bulk data measures the queue a big window builds, and
+            // would let the window grow further for it (on the io_uring backend, past the
+            // splice pipe into copied memory). Unless a quarter of
+            // the window has arrived and still waits for the local socket: then the consumer
+            // is what limits the stream, however fast it takes bytes in bursts, and a bigger
+            // window would only pile more bytes up here (on the io_uring backend, past the
+            // splice pipe into copied memory: the "slow state" of bulk transfers).
+            let backlog = u64::from(s.recv_buffered) + u64::from(driver_backlog);
+            let rtt = if s.recv_window < self.cfg.smoothed_rtt_window {
+                self.srtt
+            } else {
+                self.min_rtt.map(|(rtt, _)| rtt)
+            };
+            if let (Some(last), Some(rtt)) = (s.last_grant, rtt) {
+                if now.saturating_duration_since(last) < rtt.max(MIN_TUNING_RTT)
                     && s.recv_window < self.cfg.max_stream_window
+                    && backlog < u64::from(s.recv_window / 4)
                 {
                     let grow = s
                         .recv_window
@@ -1088,16 +1143,21 @@ impl Session {
         Ok((id, len, head))
     }
 
-    /// `n` externally held bytes of stream `id` reached the local socket.
-    pub fn stream_consumed_external(&mut self, now: Instant, id: StreamId, n: u32) {
+    /// `n` externally held bytes of stream `id` reached the local socket. `backlog`: how many
+    /// bytes of the stream the driver still holds that have already arrived (what is left in
+    /// its pipe and in memory), so the window stops growing while the local consumer, not the
+    /// window, is what limits the stream. Payload bytes still on their way from the session
+    /// socket are not backlog.
+    pub fn stream_consumed_external(&mut self, now: Instant, id: StreamId, n: u32, backlog: u32) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let n = n.min(s.recv_external);
         s.recv_external -= n;
         let fin_next = s.recv_external == 0 && (s.recv_fin || !s.recv.is_empty());
+        let backlog = backlog.min(s.recv_external);
         self.stats.recv_buffered -= u64::from(n);
-        self.consumed(now, id, n);
+        self.consumed(now, id, n, backlog);
         if fin_next {
             if let Some(s) = self.streams.get_mut(&id) {
                 // What the core holds is readable now; an earlier signal was answered with
@@ -1204,6 +1264,7 @@ mod tests {
             local: params(),
             peer: params(),
             max_stream_window: 4 * WINDOW,
+            smoothed_rtt_window: 4 * WINDOW,
             quantum: 8 * 1024,
             stream_send_buffer: 32 * 1024,
             keepalive_interval: Duration::from_secs(10),
@@ -1398,12 +1459,12 @@ mod tests {
         );
         // Received is not consumed: no credit back yet.
         assert_eq!(p.server.stream_send_credit(id), credit_after_send - 5);
-        p.client.stream_consumed_external(p.now, id, len - 1);
+        p.client.stream_consumed_external(p.now, id, len - 1, 0);
         assert_eq!(
             p.client.stream_read(p.now, id, usize::MAX),
             Readable::Pending
         );
-        p.client.stream_consumed_external(p.now, id, 1);
+        p.client.stream_consumed_external(p.now, id, 1, 0);
         assert!(Pair::events(&mut p.client).contains(&Event::StreamReadable(id)));
         assert_eq!(p.read_all(true, id), (b"after".to_vec(), true));
         assert_eq!(p.client.stats().recv_buffered, 0);
@@ -1466,14 +1527,14 @@ mod tests {
             held += len;
         }
         let credit = p.server.stream_send_credit(id);
-        p.client.stream_consumed_external(p.now, id, held - 1);
+        p.client.stream_consumed_external(p.now, id, held - 1, 0);
         p.drive();
         assert_eq!(
             p.server.stream_send_credit(id),
             credit,
             "no grant before half a window"
         );
-        p.client.stream_consumed_external(p.now, id, 1);
+        p.client.stream_consumed_external(p.now, id, 1, 0);
         p.drive();
         assert!(p.server.stream_send_credit(id) >= credit + u64::from(held));
     }
@@ -1572,6 +1633,131 @@ mod tests {
         }
         assert!(p.client.stream_recv_window(id) > WINDOW);
         assert!(p.client.stream_recv_window(id) <= 4 * WINDOW);
+    }
+
+    /// Sends one PING from `s` (its keepalive is due) and delivers the PONG `delay` later.
+    fn delayed_pong(p: &mut Pair, client: bool, delay: Duration) {
+        p.now += Duration::from_secs(10);
+        let now = p.now;
+        let (pinger, ponger) = if client {
+            (&mut p.client, &mut p.server)
+        } else {
+            (&mut p.server, &mut p.client)
+        };
+        pinger.handle_timeout(now).unwrap();
+        let mut out = Vec::new();
+        pinger.poll_transmit(&mut out, 1 << 20);
+        ponger
+            .handle_input(now, &mut BytesMut::from(&out[..]))
+            .unwrap();
+        let mut back = Vec::new();
+        ponger.poll_transmit(&mut back, 1 << 20);
+        pinger
+            .handle_input(now + delay, &mut BytesMut::from(&back[..]))
+            .unwrap();
+        p.now += delay;
+    }
+
+    #[test]
+    fn the_minimum_rtt_ignores_a_ping_that_waited_behind_data() {
+        let mut p = Pair::new();
+        p.drive();
+        // The start-up PINGs ran back to back: a PING and a PONG take one step each.
+        let min = p.server.stats().min_rtt.expect("measured at start");
+        assert_eq!(min, 2 * p.step);
+        // A PONG queued behind 20 ms of bulk data moves the smoothed RTT, not the minimum.
+        delayed_pong(&mut p, false, Duration::from_millis(20));
+        let stats = p.server.stats();
+        assert!(stats.rtt.expect("measured") > Duration::from_millis(2));
+        assert_eq!(stats.min_rtt, Some(min));
+        // Keepalives every 10 s: the minimum stands for its lifetime (300 s), then a newer
+        // sample replaces it even though it is larger.
+        for _ in 0..28 {
+            delayed_pong(&mut p, false, Duration::from_millis(20));
+            assert_eq!(p.server.stats().min_rtt, Some(min));
+        }
+        delayed_pong(&mut p, false, Duration::from_millis(3));
+        assert_eq!(p.server.stats().min_rtt, Some(Duration::from_millis(3)));
+    }
+
+    /// The client's stream window after 4 MiB sent by the server, read by a consumer that keeps
+    /// up but takes 1 ms per round: slower than the minimum RTT (100 us), faster than a smoothed
+    /// RTT that PINGs delayed behind data (by 100 ms) inflated to ~40 ms.
+    fn window_after_paced_transfer(smoothed_rtt_window: u32) -> u32 {
+        let mut cfg = config(Role::Client);
+        cfg.smoothed_rtt_window = smoothed_rtt_window;
+        let mut p = Pair::new();
+        p.client = Session::new(cfg, p.now);
+        p.drive();
+        for _ in 0..4 {
+            delayed_pong(&mut p, true, Duration::from_millis(100));
+        }
+        let stats = p.client.stats();
+        assert!(stats.rtt.expect("measured") > Duration::from_millis(20));
+        assert_eq!(stats.min_rtt, Some(2 * p.step));
+        let id = p.server.open_stream("x", None).unwrap();
+        let data = vec![3u8; 4 * 1024 * 1024];
+        let mut d = &data[..];
+        let mut got = 0;
+        while got < data.len() {
+            write_some(&mut p.server, id, &mut d);
+            p.drive();
+            got += p.read_all(true, id).0.len();
+            p.now += Duration::from_millis(1);
+        }
+        p.client.stream_recv_window(id)
+    }
+
+    #[test]
+    fn past_the_smoothed_rtt_limit_windows_grow_on_the_minimum_rtt_only() {
+        // Below the limit the inflated smoothed RTT lets the window grow to the ceiling...
+        assert_eq!(window_after_paced_transfer(4 * WINDOW), 4 * WINDOW);
+        // ...past it (here: from the start) only the path's own delay counts, and a consumer
+        // taking 1 ms per round does not need more than the initial window.
+        assert_eq!(window_after_paced_transfer(WINDOW), WINDOW);
+        assert_eq!(window_after_paced_transfer(2 * WINDOW), 2 * WINDOW);
+    }
+
+    /// The client's window after two quick grants of half a window each, with `backlog` bytes
+    /// of the stream still waiting in the driver at each.
+    fn window_after_quick_grants(backlog: u32) -> u32 {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        let send = |p: &mut Pair, want: u32| {
+            let mut sent = 0;
+            while sent < want {
+                let (header, len) = p.server.stream_send_external(id, want - sent).unwrap();
+                let mut input = BytesMut::from(&header[..]);
+                p.client.take_external_data(p.now, &mut input).unwrap();
+                sent += len;
+            }
+        };
+        send(&mut p, WINDOW);
+        p.client
+            .stream_consumed_external(p.now, id, WINDOW / 2, backlog);
+        // The grant reaches the server at once; the clock does not move.
+        let mut out = Vec::new();
+        p.client.poll_transmit(&mut out, 1 << 20);
+        p.server
+            .handle_input(p.now, &mut BytesMut::from(&out[..]))
+            .unwrap();
+        send(&mut p, WINDOW / 2);
+        p.now += Duration::from_micros(10);
+        p.client
+            .stream_consumed_external(p.now, id, WINDOW / 2, backlog);
+        p.client.stream_recv_window(id)
+    }
+
+    #[test]
+    fn a_consumer_with_a_backlog_does_not_grow_the_window() {
+        // Half a window consumed 10 us after the last grant: the window limits the stream...
+        assert_eq!(window_after_quick_grants(0), 2 * WINDOW);
+        assert_eq!(window_after_quick_grants(WINDOW / 4 - 1), 2 * WINDOW);
+        // ...unless a quarter of it has arrived and still waits for the local socket: then
+        // the consumer does, however fast its last burst was.
+        assert_eq!(window_after_quick_grants(WINDOW / 4), WINDOW);
+        assert_eq!(window_after_quick_grants(WINDOW / 2), WINDOW);
     }
 
     #[test]

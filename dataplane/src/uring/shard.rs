@@ -812,6 +812,21 @@ struct StreamSlot {
     pollout_armed: bool,
 }
 
+impl StreamSlot {
+    /// Received payload bytes of this stream that have arrived and wait here for the local
+    /// socket: the pipe's contents, memory overflow and an unfinished external send. The core
+    /// uses it to tell a slow local consumer from a window that is too small.
+    fn rx_backlog(&self) -> u32 {
+        let overflow: usize = self.rx_overflow.iter().map(Bytes::len).sum();
+        let sending = if self.sending_external {
+            self.sending.as_ref().map_or(0, Bytes::len)
+        } else {
+            0
+        };
+        u32::try_from(self.rx_pipe_bytes + overflow + sending).unwrap_or(u32::MAX)
+    }
+}
+
 // ----- the shard ---------------------------------------------------------------------------
 
 struct Shard {
@@ -1495,12 +1510,19 @@ impl Shard {
         }
         let _ = parts.sock.set_nodelay(true);
         let can_splice = parts.tls.is_none() && self.cfg.pipe_pool > 0;
+        let mut config = h.config;
+        if can_splice {
+            // Window bytes up to a pipe's capacity are spliced, never copied: windows may grow
+            // that far on the smoothed RTT, beyond it only on the minimum RTT.
+            let pipe = u32::try_from(self.cfg.pipe_size).unwrap_or(u32::MAX);
+            config.smoothed_rtt_window = config.smoothed_rtt_window.min(pipe);
+        }
         let fixed = self.fixed_register(parts.sock.as_raw_fd());
         let slot = SessionSlot {
             sock: parts.sock,
             fixed,
             tls: parts.tls,
-            core: Session::new(h.config, clock::now()),
+            core: Session::new(config, clock::now()),
             id: h.session_id,
             peer_name: h.peer_name,
             role: h.role,
@@ -2786,10 +2808,10 @@ impl Shard {
             if st.sending.is_none() {
                 st.sending_external = false;
             }
-            let (sk, id) = (st.session, st.id);
+            let (sk, id, backlog) = (st.session, st.id, st.rx_backlog());
             if let Some(s) = self.sessions.get(sk) {
                 s.core
-                    .stream_consumed_external(clock::now(), id, res as u32);
+                    .stream_consumed_external(clock::now(), id, res as u32, backlog);
                 self.dirty_sessions.push(sk);
             }
         }
@@ -2855,10 +2877,11 @@ impl Shard {
             ) {
                 Ok(n) => {
                     st.rx_pipe_bytes -= n;
+                    let backlog = st.rx_backlog();
                     // More may follow: the rest of the pipe, memory overflow, queued frames.
                     self.dirty_streams.push(k);
                     let s = self.sessions.get(sk).expect("checked above");
-                    s.core.stream_consumed_external(now, id, n as u32);
+                    s.core.stream_consumed_external(now, id, n as u32, backlog);
                     session_dirty = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -3496,12 +3519,16 @@ impl Shard {
     fn dump_state(&mut self) {
         for k in self.sessions.keys() {
             if let Some(s) = self.sessions.get(k) {
-                debug!(side = self.cfg.shards.name, shard = self.index, session = s.id, rx_ready = s.rx_ready, rx_splice_mode = s.rx_splice_mode, rx_switching = s.rx_switching, rx_splice = ?s.rx_splice, tx_splice = ?s.splice, out = s.out.len(), out_sent = s.out_sent, send_inflight = s.send_inflight, poll_inflight = s.poll_inflight, recv_armed = s.recv_armed, input = s.input.len(), splice_ready = s.splice_ready.len(), core_streams = s.core.stream_count(), drained = s.core.is_drained(), has_transmit = s.core.has_transmit(), "dump session");
+                debug!(side = self.cfg.shards.name, shard = self.index, session = s.id, rx_ready = s.rx_ready, rx_splice_mode = s.rx_splice_mode, rx_switching = s.rx_switching, rx_splice = ?s.rx_splice, tx_splice = ?s.splice, out = s.out.len(), out_sent = s.out_sent, send_inflight = s.send_inflight, poll_inflight = s.poll_inflight, recv_armed = s.recv_armed, input = s.input.len(), splice_ready = s.splice_ready.len(), core_streams = s.core.stream_count(), rtt = ?s.core.stats().rtt, min_rtt = ?s.core.stats().min_rtt, drained = s.core.is_drained(), has_transmit = s.core.has_transmit(), "dump session");
             }
         }
         for k in self.streams.keys() {
             if let Some(st) = self.streams.get(k) {
-                debug!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, state = ?st.state, recv_armed = st.recv_armed, send_inflight = st.send_inflight, sending = st.sending.as_ref().map(|b| b.len()), poll_armed = st.poll_armed, pollout = st.pollout_armed, held = st.held_bytes, eof = st.read_eof, fin = st.fin_queued, write_done = st.write_done, pipe = st.pipe_bytes, splice_mode = st.splice_mode, to_splice = st.to_splice, readable = st.readable, small_reads = st.small_reads, in_ready = st.in_splice_ready, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), closing = ?st.closing, inflight = st.inflight, "dump stream");
+                let window = self
+                    .sessions
+                    .get(st.session)
+                    .map(|s| s.core.stream_recv_window(st.id));
+                debug!(side = self.cfg.shards.name, shard = self.index, stream = %st.id, window = ?window, state = ?st.state, recv_armed = st.recv_armed, send_inflight = st.send_inflight, sending = st.sending.as_ref().map(|b| b.len()), poll_armed = st.poll_armed, pollout = st.pollout_armed, held = st.held_bytes, eof = st.read_eof, fin = st.fin_queued, write_done = st.write_done, pipe = st.pipe_bytes, splice_mode = st.splice_mode, to_splice = st.to_splice, readable = st.readable, small_reads = st.small_reads, in_ready = st.in_splice_ready, rx_pipe = st.rx_pipe_bytes, overflow = st.rx_overflow.len(), closing = ?st.closing, inflight = st.inflight, "dump stream");
             }
         }
     }
