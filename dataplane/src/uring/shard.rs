@@ -843,6 +843,9 @@ struct Shard {
     sessions: Slab<SessionSlot>,
     streams: Slab<StreamSlot>,
     pipes: Vec<Pipe>,
+    /// What the kernel granted the shard's first pipe (made at start): `pipe_size` capped by
+    /// `fs.pipe-max-size` or per-user pipe limits. Sessions' window tuning uses it.
+    pipe_capacity: usize,
     pipes_out: usize,
     rr: usize,
     /// Host-name `local_addr`s as the control plane last resolved them
@@ -892,6 +895,13 @@ struct Shard {
 impl Shard {
     fn new(ctx: Context) -> io::Result<Shard> {
         let ring = super::build_ring(ctx.flags, RING_ENTRIES)?;
+        // One pipe made at start tells what capacity the kernel grants; it waits in the pool.
+        let pipes: Vec<Pipe> = if ctx.cfg.pipe_pool > 0 {
+            Pipe::new(ctx.cfg.pipe_size).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let pipe_capacity = pipes.first().map_or(ctx.cfg.pipe_size, |p| p.capacity);
         let busy_poll = ctx.cfg.busy_poll;
         let publish_polls = ctx.keep_awake;
         let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();
@@ -927,7 +937,8 @@ impl Shard {
             listeners: Slab::new(),
             sessions: Slab::new(),
             streams: Slab::new(),
-            pipes: Vec::new(),
+            pipes,
+            pipe_capacity,
             pipes_out: 0,
             rr: 0,
             service_addrs: HashMap::new(),
@@ -1514,7 +1525,7 @@ impl Shard {
         if can_splice {
             // Window bytes up to a pipe's capacity are spliced, never copied: windows may grow
             // that far on the smoothed RTT, beyond it only on the minimum RTT.
-            let pipe = u32::try_from(self.cfg.pipe_size).unwrap_or(u32::MAX);
+            let pipe = u32::try_from(self.pipe_capacity).unwrap_or(u32::MAX);
             config.smoothed_rtt_window = config.smoothed_rtt_window.min(pipe);
         }
         let fixed = self.fixed_register(parts.sock.as_raw_fd());

@@ -2,7 +2,7 @@
 """A/B of warren binaries on bulk and rr-1: one warren pair per variant (io_uring, plain TCP,
 2 shards each, a sink and an echo behind it), variants interleaved over ROUNDS rounds. Per run:
 1 GiB bulk-up and 1 GiB bulk-down (each with `perf stat` counting syscalls of both warren
-processes), and rr-1 (64 B, 5 s). Variants come from VARIANTS: ';'-separated 'label=binary[|tuning line...]'.
+processes), bulk-10x (10 streams x 100 MiB up, as perf/compare's) and rr-1 (64 B, 5 s). Variants come from VARIANTS: ';'-separated 'label=binary[|tuning line...]'.
 usage: bulk_ab.py BASE_PORT ROUNDS"""
 import json, os, signal, statistics, subprocess, sys, time
 
@@ -65,7 +65,7 @@ def counted(procs, out, *args):
     return rep, counts
 
 
-res = {label: {"up": [], "down": [], "p50": [], "p99": []} for label, _, _ in variants}
+res = {label: {"up": [], "down": [], "ten": [], "p50": [], "p99": []} for label, _, _ in variants}
 print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} variants={variants!r}", flush=True)
 for r in range(rounds):
     for i, (label, binary, tuning) in enumerate(variants):
@@ -77,12 +77,15 @@ for r in range(rounds):
                                     "--target", f"127.0.0.1:{port + 2}")
             down, down_counts = counted(procs, d + "/pst-down.txt", "--direction", "down",
                                         "--target", f"127.0.0.1:{port + 2}")
+            ten = load("bulk", "--streams", "10", "--bytes", "100MiB", "--direction", "up",
+                       "--target", f"127.0.0.1:{port + 2}")
             rr = load("rr", "--target", f"127.0.0.1:{port + 3}", "--duration-ms", "5000")
             p50, p99 = rr["latency_us"]["p50"], rr["latency_us"]["p99"]
             x = res[label]
-            x["up"].append(up["mb_per_s"]); x["down"].append(down["mb_per_s"])
+            x["up"].append(up["mb_per_s"]); x["down"].append(down["mb_per_s"]); x["ten"].append(ten["mb_per_s"])
             x["p50"].append(p50); x["p99"].append(p99)
             print(f"round {r + 1} {label}: bulk-up {up['mb_per_s']:.0f} MB/s, bulk-down {down['mb_per_s']:.0f} MB/s, "
+                  f"bulk-10x {ten['mb_per_s']:.0f} MB/s, "
                   f"rr-1 p50 {p50:.1f} p99 {p99:.1f} us\n    syscalls/GB (server + client): up {up_counts}\n"
                   f"    down {down_counts}", flush=True)
         finally:
@@ -93,4 +96,5 @@ for r in range(rounds):
 print("## medians")
 for label, x in res.items():
     print(f"{label}: bulk-up {statistics.median(x['up']):.0f} MB/s, bulk-down {statistics.median(x['down']):.0f} MB/s, "
+          f"bulk-10x {statistics.median(x['ten']):.0f} MB/s, "
           f"rr-1 p50 {statistics.median(x['p50']):.1f} us, p99 {statistics.median(x['p99']):.1f} us")
