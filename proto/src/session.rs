@@ -1035,8 +1035,11 @@ impl Session {
         self.recv_session_unacked += u64::from(n);
         if !s.recv_fin && s.recv_unacked >= s.recv_window / 2 {
             let mut inc = s.recv_unacked;
-            // Auto-tune: half a window consumed in under one RTT means the window, not the
-            // consumer, limits the stream; double it up to the ceiling. Past
+            // Auto-tune: consuming at more than half a window per RTT since the last grant
+            // means the window, not the consumer, limits the stream; double it up to the
+            // ceiling. A rate, not "the last grant was under one RTT ago": a driver that
+            // consumes a whole window in one burst (a full splice pipe) grants once per RTT, and
+            // that must still count as keeping up. Past
             // `smoothed_rtt_window` the RTT is the minimum, not the smoothed one: a PING that
             // waited behind our own bulk data measures the queue a big window builds, and
             // would let the window grow further for it (on the io_uring backend, past the
@@ -1052,7 +1055,10 @@ impl Session {
                 self.min_rtt.map(|(rtt, _)| rtt)
             };
             if let (Some(last), Some(rtt)) = (s.last_grant, rtt) {
-                if now.saturating_duration_since(last) < rtt.max(MIN_TUNING_RTT)
+                // elapsed / unacked < rtt / (window / 2), without dividing.
+                let elapsed = now.saturating_duration_since(last).as_nanos();
+                let rtt = rtt.max(MIN_TUNING_RTT).as_nanos();
+                if elapsed * u128::from(s.recv_window / 2) < rtt * u128::from(s.recv_unacked)
                     && s.recv_window < self.cfg.max_stream_window
                     && backlog < u64::from(s.recv_window / 4)
                 {
@@ -1338,6 +1344,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The pair's one-way delay per pump round (`Pair::step`); the RTT is two of them.
+    fn p_step() -> Duration {
+        Pair::new().step
     }
 
     fn write_some(s: &mut Session, id: StreamId, data: &mut &[u8]) -> usize {
@@ -1747,6 +1758,41 @@ mod tests {
         p.client
             .stream_consumed_external(p.now, id, WINDOW / 2, backlog);
         p.client.stream_recv_window(id)
+    }
+
+    /// The client's window after two grants of a whole window each, consumed in one burst
+    /// `gap` apart (a driver splicing a full pipe at once, one window per round trip).
+    fn window_after_burst_grants(gap: Duration) -> u32 {
+        let mut p = Pair::new();
+        p.drive();
+        assert_eq!(p.client.stats().min_rtt, Some(2 * p.step));
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        for _ in 0..2 {
+            let mut sent = 0;
+            while sent < WINDOW {
+                let (header, len) = p.server.stream_send_external(id, WINDOW - sent).unwrap();
+                let mut input = BytesMut::from(&header[..]);
+                p.client.take_external_data(p.now, &mut input).unwrap();
+                sent += len;
+            }
+            p.now += gap;
+            p.client.stream_consumed_external(p.now, id, WINDOW, 0);
+            let mut out = Vec::new();
+            p.client.poll_transmit(&mut out, 1 << 20);
+            p.server
+                .handle_input(p.now, &mut BytesMut::from(&out[..]))
+                .unwrap();
+        }
+        p.client.stream_recv_window(id)
+    }
+
+    #[test]
+    fn a_window_consumed_in_one_burst_per_round_trip_still_grows() {
+        // A whole window per 1.5 RTT is faster than half a window per RTT: the window limits.
+        assert_eq!(window_after_burst_grants(3 * p_step()), 2 * WINDOW);
+        // A whole window per 2.5 RTT is slower: the consumer (or the sender) limits.
+        assert_eq!(window_after_burst_grants(5 * p_step()), WINDOW);
     }
 
     #[test]
