@@ -263,7 +263,10 @@ struct Stream {
     /// Bytes consumed by the driver and not yet granted back.
     recv_unacked: u32,
     recv_fin: bool,
-    last_grant: Option<Instant>,
+    /// Start of the interval over which auto-tuning measures the consumption rate (set by
+    /// the first grant, restarted whenever a grant judges it), and the bytes consumed since.
+    rate_since: Option<Instant>,
+    rate_bytes: u32,
     readable_signalled: bool,
     high_water: u32,
     // Send half.
@@ -291,7 +294,8 @@ impl Stream {
             recv_credit: u64::from(local_window),
             recv_unacked: 0,
             recv_fin: false,
-            last_grant: None,
+            rate_since: None,
+            rate_bytes: 0,
             readable_signalled: false,
             high_water: 0,
             send: VecDeque::new(),
@@ -1032,45 +1036,58 @@ impl Session {
             return;
         };
         s.recv_unacked += n;
+        s.rate_bytes = s.rate_bytes.saturating_add(n);
         self.recv_session_unacked += u64::from(n);
         if !s.recv_fin && s.recv_unacked >= s.recv_window / 2 {
             let mut inc = s.recv_unacked;
-            // Auto-tune: consuming at more than half a window per RTT since the last grant
-            // means the window, not the consumer, limits the stream; double it up to the
-            // ceiling. A rate, not "the last grant was under one RTT ago": a driver that
-            // consumes a whole window in one burst (a full splice pipe) grants once per RTT, and
-            // that must still count as keeping up. Past
-            // `smoothed_rtt_window` the RTT is the minimum, not the smoothed one: a PING that
-            // waited behind our own bulk data measures the queue a big window builds, and
-            // would let the window grow further for it (on the io_uring backend, past the
-            // splice pipe into copied memory). Unless a quarter of
-            // the window has arrived and still waits for the local socket: then the consumer
-            // is what limits the stream, however fast it takes bytes in bursts, and a bigger
-            // window would only pile more bytes up here (on the io_uring backend, past the
-            // splice pipe into copied memory: the "slow state" of bulk transfers).
+            // Auto-tune: consuming faster than half a window per RTT means the window, not
+            // the consumer, limits the stream; double it up to the ceiling.
+            // - The rate is measured over at least one RTT, from one judging grant to the
+            //   next: the io_uring driver consumes in bursts (a whole pipe per splice), so
+            //   grants come once per round trip on a long path, or two in a row after a stall
+            //   on loopback. Between two grants alone, the first case looked too slow and the
+            //   second too fast.
+            // - Past `smoothed_rtt_window` the RTT is the minimum, not the smoothed one: a PING
+            //   that waited behind our own bulk data measures the queue a big window builds,
+            //   and would let the window grow further for it (on the io_uring backend, past
+            //   the splice pipe into copied memory: the "slow state" of bulk transfers).
+            // - No growth while a quarter of the window has arrived and still waits for the
+            //   local socket: then the consumer limits the stream, however fast its last burst
+            //   was, and a bigger window would only pile more bytes up here.
             let backlog = u64::from(s.recv_buffered) + u64::from(driver_backlog);
             let rtt = if s.recv_window < self.cfg.smoothed_rtt_window {
                 self.srtt
             } else {
                 self.min_rtt.map(|(rtt, _)| rtt)
             };
-            if let (Some(last), Some(rtt)) = (s.last_grant, rtt) {
-                // elapsed / unacked < rtt / (window / 2), without dividing.
-                let elapsed = now.saturating_duration_since(last).as_nanos();
-                let rtt = rtt.max(MIN_TUNING_RTT).as_nanos();
-                if elapsed * u128::from(s.recv_window / 2) < rtt * u128::from(s.recv_unacked)
-                    && s.recv_window < self.cfg.max_stream_window
-                    && backlog < u64::from(s.recv_window / 4)
-                {
-                    let grow = s
-                        .recv_window
-                        .min(self.cfg.max_stream_window - s.recv_window);
-                    s.recv_window += grow;
-                    self.stats.recv_windows += u64::from(grow);
-                    inc += grow;
+            match (s.rate_since, rtt) {
+                (Some(since), Some(rtt)) => {
+                    let elapsed = now.saturating_duration_since(since);
+                    let rtt = rtt.max(MIN_TUNING_RTT);
+                    if elapsed >= rtt {
+                        // rate_bytes / elapsed > (window / 2) / rtt, without dividing.
+                        let fast = u128::from(s.rate_bytes) * rtt.as_nanos()
+                            > u128::from(s.recv_window / 2) * elapsed.as_nanos();
+                        if fast
+                            && s.recv_window < self.cfg.max_stream_window
+                            && backlog < u64::from(s.recv_window / 4)
+                        {
+                            let grow = s
+                                .recv_window
+                                .min(self.cfg.max_stream_window - s.recv_window);
+                            s.recv_window += grow;
+                            self.stats.recv_windows += u64::from(grow);
+                            inc += grow;
+                        }
+                        s.rate_since = Some(now);
+                        s.rate_bytes = 0;
+                    }
+                }
+                _ => {
+                    s.rate_since = Some(now);
+                    s.rate_bytes = 0;
                 }
             }
-            s.last_grant = Some(now);
             s.recv_credit += u64::from(inc);
             s.recv_unacked = 0;
             Frame::WindowUpdate {
@@ -1729,12 +1746,42 @@ mod tests {
         assert_eq!(window_after_paced_transfer(2 * WINDOW), 2 * WINDOW);
     }
 
-    /// The client's window after two quick grants of half a window each, with `backlog` bytes
-    /// of the stream still waiting in the driver at each.
-    fn window_after_quick_grants(backlog: u32) -> u32 {
+    #[test]
+    fn two_bursts_right_after_a_stall_do_not_grow_the_window() {
         let mut p = Pair::new();
         let id = p.server.open_stream("bulk", None).unwrap();
         p.drive();
+        let rtt = p.client.stats().rtt.expect("measured at start");
+        let mut held = 0;
+        for (gap, consume) in [(0, WINDOW / 2), (10, WINDOW / 2), (0, WINDOW / 2)] {
+            while held < WINDOW {
+                let (header, len) = p.server.stream_send_external(id, WINDOW - held).unwrap();
+                let mut input = BytesMut::from(&header[..]);
+                p.client.take_external_data(p.now, &mut input).unwrap();
+                held += len;
+            }
+            // The local consumer stalls for `gap` RTTs, then takes half a window at once.
+            p.now += rtt * gap + Duration::from_micros(1);
+            p.client.stream_consumed_external(p.now, id, consume, 0);
+            held -= consume;
+            let mut out = Vec::new();
+            p.client.poll_transmit(&mut out, 1 << 20);
+            p.server
+                .handle_input(p.now, &mut BytesMut::from(&out[..]))
+                .unwrap();
+        }
+        // Half a window over ten RTTs, then half a window 1 us later: not window-limited.
+        assert_eq!(p.client.stream_recv_window(id), WINDOW);
+    }
+
+    /// The client's window after a grant that follows the one before by exactly one RTT, with
+    /// a little over half a window consumed in between (just fast enough to grow) and
+    /// `backlog` bytes of the stream still waiting in the driver.
+    fn window_after_fast_grant(backlog: u32) -> u32 {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        let rtt = p.client.stats().rtt.expect("measured at start");
         let send = |p: &mut Pair, want: u32| {
             let mut sent = 0;
             while sent < want {
@@ -1745,19 +1792,29 @@ mod tests {
             }
         };
         send(&mut p, WINDOW);
-        p.client
-            .stream_consumed_external(p.now, id, WINDOW / 2, backlog);
-        // The grant reaches the server at once; the clock does not move.
+        // The first grant starts the measurement.
+        p.client.stream_consumed_external(p.now, id, WINDOW / 2, 0);
         let mut out = Vec::new();
         p.client.poll_transmit(&mut out, 1 << 20);
         p.server
             .handle_input(p.now, &mut BytesMut::from(&out[..]))
             .unwrap();
         send(&mut p, WINDOW / 2);
-        p.now += Duration::from_micros(10);
+        p.now += rtt;
         p.client
-            .stream_consumed_external(p.now, id, WINDOW / 2, backlog);
+            .stream_consumed_external(p.now, id, WINDOW / 2 + 1, backlog);
         p.client.stream_recv_window(id)
+    }
+
+    #[test]
+    fn a_consumer_with_a_backlog_does_not_grow_the_window() {
+        // Over half a window in one RTT: the window limits the stream...
+        assert_eq!(window_after_fast_grant(0), 2 * WINDOW);
+        assert_eq!(window_after_fast_grant(WINDOW / 4 - 1), 2 * WINDOW);
+        // ...unless a quarter of it has arrived and still waits for the local socket: then
+        // the consumer does, however fast its last burst was.
+        assert_eq!(window_after_fast_grant(WINDOW / 4), WINDOW);
+        assert_eq!(window_after_fast_grant(WINDOW / 2 - 1), WINDOW);
     }
 
     /// The client's window after two grants of a whole window each, consumed in one burst
@@ -1793,17 +1850,6 @@ mod tests {
         assert_eq!(window_after_burst_grants(3 * p_step()), 2 * WINDOW);
         // A whole window per 2.5 RTT is slower: the consumer (or the sender) limits.
         assert_eq!(window_after_burst_grants(5 * p_step()), WINDOW);
-    }
-
-    #[test]
-    fn a_consumer_with_a_backlog_does_not_grow_the_window() {
-        // Half a window consumed 10 us after the last grant: the window limits the stream...
-        assert_eq!(window_after_quick_grants(0), 2 * WINDOW);
-        assert_eq!(window_after_quick_grants(WINDOW / 4 - 1), 2 * WINDOW);
-        // ...unless a quarter of it has arrived and still waits for the local socket: then
-        // the consumer does, however fast its last burst was.
-        assert_eq!(window_after_quick_grants(WINDOW / 4), WINDOW);
-        assert_eq!(window_after_quick_grants(WINDOW / 2), WINDOW);
     }
 
     #[test]
