@@ -1341,6 +1341,29 @@ mod tests {
             panic!("pair did not settle");
         }
 
+        /// The server sends `want` bytes of stream `id` by the external path (headers only: a
+        /// driver moves the payloads) and the client takes them.
+        fn send_external(&mut self, id: StreamId, want: u32) {
+            let mut sent = 0;
+            while sent < want {
+                let (header, len) = self.server.stream_send_external(id, want - sent).unwrap();
+                let mut input = BytesMut::from(&header[..]);
+                self.client
+                    .take_external_data(self.now, &mut input)
+                    .unwrap();
+                sent += len;
+            }
+        }
+
+        /// The client's control frames (grants) reach the server; the clock does not move.
+        fn deliver_grants(&mut self) {
+            let mut out = Vec::new();
+            self.client.poll_transmit(&mut out, 1 << 20);
+            self.server
+                .handle_input(self.now, &mut BytesMut::from(&out[..]))
+                .unwrap();
+        }
+
         fn events(s: &mut Session) -> Vec<Event> {
             std::iter::from_fn(|| s.poll_event()).collect()
         }
@@ -1754,21 +1777,12 @@ mod tests {
         let rtt = p.client.stats().rtt.expect("measured at start");
         let mut held = 0;
         for (gap, consume) in [(0, WINDOW / 2), (10, WINDOW / 2), (0, WINDOW / 2)] {
-            while held < WINDOW {
-                let (header, len) = p.server.stream_send_external(id, WINDOW - held).unwrap();
-                let mut input = BytesMut::from(&header[..]);
-                p.client.take_external_data(p.now, &mut input).unwrap();
-                held += len;
-            }
+            p.send_external(id, WINDOW - held);
             // The local consumer stalls for `gap` RTTs, then takes half a window at once.
             p.now += rtt * gap + Duration::from_micros(1);
             p.client.stream_consumed_external(p.now, id, consume, 0);
-            held -= consume;
-            let mut out = Vec::new();
-            p.client.poll_transmit(&mut out, 1 << 20);
-            p.server
-                .handle_input(p.now, &mut BytesMut::from(&out[..]))
-                .unwrap();
+            held = WINDOW - consume;
+            p.deliver_grants();
         }
         // Half a window over ten RTTs, then half a window 1 us later: not window-limited.
         assert_eq!(p.client.stream_recv_window(id), WINDOW);
@@ -1782,24 +1796,11 @@ mod tests {
         let id = p.server.open_stream("bulk", None).unwrap();
         p.drive();
         let rtt = p.client.stats().rtt.expect("measured at start");
-        let send = |p: &mut Pair, want: u32| {
-            let mut sent = 0;
-            while sent < want {
-                let (header, len) = p.server.stream_send_external(id, want - sent).unwrap();
-                let mut input = BytesMut::from(&header[..]);
-                p.client.take_external_data(p.now, &mut input).unwrap();
-                sent += len;
-            }
-        };
-        send(&mut p, WINDOW);
+        p.send_external(id, WINDOW);
         // The first grant starts the measurement.
         p.client.stream_consumed_external(p.now, id, WINDOW / 2, 0);
-        let mut out = Vec::new();
-        p.client.poll_transmit(&mut out, 1 << 20);
-        p.server
-            .handle_input(p.now, &mut BytesMut::from(&out[..]))
-            .unwrap();
-        send(&mut p, WINDOW / 2);
+        p.deliver_grants();
+        p.send_external(id, WINDOW / 2);
         p.now += rtt;
         p.client
             .stream_consumed_external(p.now, id, WINDOW / 2 + 1, backlog);
@@ -1826,20 +1827,10 @@ mod tests {
         let id = p.server.open_stream("bulk", None).unwrap();
         p.drive();
         for _ in 0..2 {
-            let mut sent = 0;
-            while sent < WINDOW {
-                let (header, len) = p.server.stream_send_external(id, WINDOW - sent).unwrap();
-                let mut input = BytesMut::from(&header[..]);
-                p.client.take_external_data(p.now, &mut input).unwrap();
-                sent += len;
-            }
+            p.send_external(id, WINDOW);
             p.now += gap;
             p.client.stream_consumed_external(p.now, id, WINDOW, 0);
-            let mut out = Vec::new();
-            p.client.poll_transmit(&mut out, 1 << 20);
-            p.server
-                .handle_input(p.now, &mut BytesMut::from(&out[..]))
-                .unwrap();
+            p.deliver_grants();
         }
         p.client.stream_recv_window(id)
     }
