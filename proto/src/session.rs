@@ -1355,6 +1355,20 @@ mod tests {
             }
         }
 
+        /// The server sends `len` bytes on stream `id` through the in-memory pipes; the client
+        /// reads after every pump, then the clock moves on by `pause` (the consumer's pace).
+        fn transfer_to_client(&mut self, id: StreamId, len: usize, pause: Duration) {
+            let data = vec![3u8; len];
+            let mut d = &data[..];
+            let mut got = 0;
+            while got < data.len() {
+                write_some(&mut self.server, id, &mut d);
+                self.drive();
+                got += self.read_all(true, id).0.len();
+                self.now += pause;
+            }
+        }
+
         /// The client's control frames (grants) reach the server; the clock does not move.
         fn deliver_grants(&mut self) {
             let mut out = Vec::new();
@@ -1674,14 +1688,7 @@ mod tests {
         p.drive();
         assert!(p.server.stats().rtt.is_some());
         let id = p.server.open_stream("x", None).unwrap();
-        let data = vec![3u8; 8 * 1024 * 1024];
-        let mut d = &data[..];
-        let mut got = 0;
-        while got < data.len() {
-            write_some(&mut p.server, id, &mut d);
-            p.drive();
-            got += p.read_all(true, id).0.len();
-        }
+        p.transfer_to_client(id, 8 * 1024 * 1024, Duration::ZERO);
         assert!(p.client.stream_recv_window(id) > WINDOW);
         assert!(p.client.stream_recv_window(id) <= 4 * WINDOW);
     }
@@ -1747,15 +1754,7 @@ mod tests {
         assert!(stats.rtt.expect("measured") > Duration::from_millis(20));
         assert_eq!(stats.min_rtt, Some(2 * p.step));
         let id = p.server.open_stream("x", None).unwrap();
-        let data = vec![3u8; 4 * 1024 * 1024];
-        let mut d = &data[..];
-        let mut got = 0;
-        while got < data.len() {
-            write_some(&mut p.server, id, &mut d);
-            p.drive();
-            got += p.read_all(true, id).0.len();
-            p.now += Duration::from_millis(1);
-        }
+        p.transfer_to_client(id, 4 * 1024 * 1024, Duration::from_millis(1));
         p.client.stream_recv_window(id)
     }
 
