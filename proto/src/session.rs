@@ -1131,6 +1131,37 @@ impl Session {
             && u64::from(len) <= self.recv_session_credit
     }
 
+    /// For a DATA frame of `len` bytes for `id` that [`Session::stream_can_take_external`]
+    /// refuses only because the core still holds earlier bytes of the stream: how many bytes
+    /// it holds. The driver may then take them with [`Session::stream_take_buffered`], put them
+    /// first, and take the frame externally behind them. `None` in every other case.
+    pub fn stream_buffered_before_external(&self, id: StreamId, len: u32) -> Option<u32> {
+        if self.closed.is_some() || len == 0 {
+            return None;
+        }
+        let s = self.streams.get(&id)?;
+        (!s.recv_fin
+            && !s.recv.is_empty()
+            && u64::from(len) <= s.recv_credit
+            && u64::from(len) <= self.recv_session_credit)
+            .then_some(s.recv_buffered)
+    }
+
+    /// Hands every byte of stream `id` buffered in the core to the driver, in order. From here
+    /// they count as externally held, behind any the driver already holds: the driver delivers
+    /// them after those and reports them with [`Session::stream_consumed_external`] like a
+    /// payload it moved itself. Credit is not granted here: taking is not consuming. Empty when
+    /// the core holds nothing of the stream (or the stream is gone).
+    pub fn stream_take_buffered(&mut self, id: StreamId) -> VecDeque<BytesMut> {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return VecDeque::new();
+        };
+        let taken = std::mem::take(&mut s.recv);
+        s.recv_external += s.recv_buffered;
+        s.recv_buffered = 0;
+        taken
+    }
+
     /// Takes the DATA frame at the start of `input` (checked with
     /// [`Session::stream_can_take_external`]) whose payload the driver moves itself. Removes the
     /// header and the payload bytes already in `input` and returns those bytes: the driver puts
@@ -1575,6 +1606,67 @@ mod tests {
             "the waiting stream is woken by the session WINDOW_UPDATE"
         );
         assert!(p.server.stream_send_external(last, WINDOW).is_some());
+    }
+
+    /// A frame behind bytes queued in the core: the driver takes those bytes (they become
+    /// externally held, in order, no credit back yet), then the frame; credit returns as both
+    /// are consumed, and a FIN queued after them is readable only when all are delivered.
+    #[test]
+    fn the_driver_takes_queued_bytes_so_a_later_frame_can_be_taken_externally() {
+        let mut p = Pair::new();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        Pair::events(&mut p.client);
+        assert!(p.client.stream_take_buffered(id).is_empty(), "nothing queued");
+        // Two small frames are copied into the core (as a driver does with a frame whose rest
+        // is small), then a large one arrives.
+        for part in [&b"first "[..], &b"second"[..]] {
+            p.server
+                .stream_write(id, Bytes::copy_from_slice(part))
+                .unwrap();
+            p.drive();
+        }
+        let credit = p.server.stream_send_credit(id);
+        let (header, len) = p.server.stream_send_external(id, WINDOW / 2).unwrap();
+        assert!(!p.client.stream_can_take_external(id, len));
+        assert_eq!(p.client.stream_buffered_before_external(id, len), Some(12));
+        assert_eq!(
+            p.client.stream_buffered_before_external(id, WINDOW + 1),
+            None,
+            "beyond the credit: handle_input judges it"
+        );
+        let taken: Vec<u8> = p
+            .client
+            .stream_take_buffered(id)
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .collect();
+        assert_eq!(taken, b"first second");
+        assert_eq!(p.client.stream_buffered_before_external(id, len), None);
+        assert!(p.client.stream_can_take_external(id, len));
+        let mut input = BytesMut::from(&header[..]);
+        p.client.take_external_data(p.now, &mut input).unwrap();
+        assert_eq!(p.client.stats().recv_buffered, 12 + u64::from(len));
+        // A FIN queued now waits behind all of it; taking is not consuming.
+        p.server.stream_finish(id).unwrap();
+        p.drive();
+        Pair::events(&mut p.client);
+        assert_eq!(
+            p.client.stream_read(p.now, id, usize::MAX),
+            Readable::Pending
+        );
+        assert_eq!(p.server.stream_send_credit(id), credit - u64::from(len));
+        p.client.stream_consumed_external(p.now, id, 12, 0);
+        assert_eq!(
+            p.client.stream_read(p.now, id, usize::MAX),
+            Readable::Pending
+        );
+        p.client.stream_consumed_external(p.now, id, len, 0);
+        assert!(Pair::events(&mut p.client).contains(&Event::StreamReadable(id)));
+        assert_eq!(p.read_all(true, id), (Vec::new(), true));
+        assert_eq!(p.client.stats().recv_buffered, 0);
+        p.drive();
+        assert!(p.server.stream_send_credit(id) >= credit, "credit came back");
     }
 
     /// Externally held bytes return credit when the driver reports them consumed, exactly as

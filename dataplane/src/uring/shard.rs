@@ -1753,16 +1753,27 @@ impl Shard {
                 if let Some((id, len)) = s.core.peek_data(&s.input) {
                     let have = s.input.len() - warren_proto::frame::HEADER_LEN;
                     let rest = (len as usize).saturating_sub(have);
-                    if rest >= RX_SPLICE_MIN && s.core.stream_can_take_external(id, len) {
-                        if let Some(sk) = s.streams.get(&id).copied() {
-                            if self.rx_pipe_ready(sk, len as usize) {
-                                active = true;
-                                self.start_rx_splice(k, sk, now);
-                                if let Some(s) = self.sessions.get(k) {
-                                    s.rx_expect_large = true;
-                                }
-                                continue;
+                    // A frame behind bytes the core still holds for the stream (a frame that
+                    // was copied: its rest was small, it came before splice mode, or the pipe
+                    // was full): those bytes go into the pipe first, so one copied frame does
+                    // not make every later one wait behind it and be copied too.
+                    let held = if rest < RX_SPLICE_MIN {
+                        None
+                    } else if s.core.stream_can_take_external(id, len) {
+                        Some(0)
+                    } else {
+                        s.core.stream_buffered_before_external(id, len)
+                    };
+                    if let (Some(held), Some(sk)) = (held, s.streams.get(&id).copied()) {
+                        if self.rx_pipe_ready(sk, held as usize + len as usize)
+                            && (held == 0 || self.rx_pipe_take_core(k, sk, id))
+                        {
+                            active = true;
+                            self.start_rx_splice(k, sk, now);
+                            if let Some(s) = self.sessions.get(k) {
+                                s.rx_expect_large = true;
                             }
+                            continue;
                         }
                     }
                 }
@@ -1893,6 +1904,46 @@ impl Shard {
         cap.saturating_sub(st.rx_pipe_bytes) >= len
     }
 
+    /// Moves the bytes the core holds for stream `sk` (`id` on session `k`) into its receive
+    /// pipe, behind what the pipe holds (`rx_pipe_ready` checked the room by bytes and that
+    /// nothing waits in memory). True when all of them went in; when the pipe ran out of slots,
+    /// the rest waits in memory, in order, and the next payload cannot be spliced behind it.
+    fn rx_pipe_take_core(&mut self, k: Key, sk: Key, id: StreamId) -> bool {
+        let Some(s) = self.sessions.get(k) else {
+            return false;
+        };
+        let chunks = s.core.stream_take_buffered(id);
+        let Some(st) = self.streams.get(sk) else {
+            return false;
+        };
+        let pipe = st.rx_pipe.as_ref().expect("rx_pipe_ready gave it one");
+        let mut all_in = true;
+        for chunk in chunks {
+            let mut off = 0;
+            while all_in && off < chunk.len() {
+                // SAFETY: writes from a live slice to a pipe we own (non-blocking).
+                let n = unsafe {
+                    libc::write(
+                        pipe.write.as_raw_fd(),
+                        chunk[off..].as_ptr().cast(),
+                        chunk.len() - off,
+                    )
+                };
+                if n <= 0 {
+                    all_in = false;
+                    break;
+                }
+                off += n as usize;
+            }
+            st.rx_pipe_bytes += off;
+            if off < chunk.len() {
+                st.rx_overflow.push_back(chunk.freeze().slice(off..));
+            }
+        }
+        self.dirty_streams.push(sk);
+        all_in
+    }
+
     fn start_rx_splice(&mut self, k: Key, sk: Key, now: Instant) {
         let Some(s) = self.sessions.get(k) else {
             return;
@@ -1992,7 +2043,10 @@ impl Shard {
                     if let Some((id, len)) = s.core.peek_data(&s.input) {
                         let have = s.input.len() - warren_proto::frame::HEADER_LEN;
                         let rest = (len as usize).saturating_sub(have);
-                        if rest >= RX_SPLICE_MIN && s.core.stream_can_take_external(id, len) {
+                        if rest >= RX_SPLICE_MIN
+                            && (s.core.stream_can_take_external(id, len)
+                                || s.core.stream_buffered_before_external(id, len).is_some())
+                        {
                             s.rx_switching = true;
                             cancel_recv = more;
                         }
