@@ -241,6 +241,12 @@ pub const MIN_RTT_LIFETIME: Duration = Duration::from_secs(300);
 /// The smallest RTT auto-tuning assumes: below it, scheduling noise on a busy host, not the
 /// path, decides how fast credit comes back.
 const MIN_TUNING_RTT: Duration = Duration::from_micros(100);
+/// Past `SessionConfig::smoothed_rtt_window`, the shortest time over which a consumption rate
+/// may grow a window. On a path of a few hundred microseconds a whole window consumed at once
+/// after a stall (a splice of a full pipe into a socket that just drained) looks, over one
+/// RTT, many times faster than the consumer really is; over 10 ms such a burst adds at most a
+/// window per 10 ms to the rate. A path with a longer RTT measures over its RTT as before.
+const PAST_LIMIT_RATE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// A read that large is split so one stream cannot hand the driver an arbitrary amount.
 const SMALL_CHUNK: usize = 16 * 1024;
@@ -1051,20 +1057,28 @@ impl Session {
             //   that waited behind our own bulk data measures the queue a big window builds,
             //   and would let the window grow further for it (on the io_uring backend, past
             //   the splice pipe into copied memory: the "slow state" of bulk transfers).
+            // - Past it, also over at least `PAST_LIMIT_RATE_INTERVAL`: on a short path a
+            //   burst after a stall is not a rate (it grew loopback windows past the pipe).
             // - No growth while a quarter of the window has arrived and still waits for the
             //   local socket: then the consumer limits the stream, however fast its last burst
             //   was, and a bigger window would only pile more bytes up here.
             let backlog = u64::from(s.recv_buffered) + u64::from(driver_backlog);
-            let rtt = if s.recv_window < self.cfg.smoothed_rtt_window {
-                self.srtt
-            } else {
+            let past_limit = s.recv_window >= self.cfg.smoothed_rtt_window;
+            let rtt = if past_limit {
                 self.min_rtt.map(|(rtt, _)| rtt)
+            } else {
+                self.srtt
             };
             match (s.rate_since, rtt) {
                 (Some(since), Some(rtt)) => {
                     let elapsed = now.saturating_duration_since(since);
                     let rtt = rtt.max(MIN_TUNING_RTT);
-                    if elapsed >= rtt {
+                    let interval = if past_limit {
+                        rtt.max(PAST_LIMIT_RATE_INTERVAL)
+                    } else {
+                        rtt
+                    };
+                    if elapsed >= interval {
                         // rate_bytes / elapsed > (window / 2) / rtt, without dividing.
                         let fast = u128::from(s.rate_bytes) * rtt.as_nanos()
                             > u128::from(s.recv_window / 2) * elapsed.as_nanos();
@@ -1611,6 +1625,7 @@ mod tests {
     /// A frame behind bytes queued in the core: the driver takes those bytes (they become
     /// externally held, in order, no credit back yet), then the frame; credit returns as both
     /// are consumed, and a FIN queued after them is readable only when all are delivered.
+    /// (Credit coming back on consumption is `externally_received_bytes_return_credit_...`.)
     #[test]
     fn the_driver_takes_queued_bytes_so_a_later_frame_can_be_taken_externally() {
         let mut p = Pair::new();
@@ -1665,8 +1680,6 @@ mod tests {
         assert!(Pair::events(&mut p.client).contains(&Event::StreamReadable(id)));
         assert_eq!(p.read_all(true, id), (Vec::new(), true));
         assert_eq!(p.client.stats().recv_buffered, 0);
-        p.drive();
-        assert!(p.server.stream_send_credit(id) >= credit, "credit came back");
     }
 
     /// Externally held bytes return credit when the driver reports them consumed, exactly as
@@ -1924,6 +1937,45 @@ mod tests {
             p.deliver_grants();
         }
         p.client.stream_recv_window(id)
+    }
+
+    /// The client's window after whole windows consumed in one burst each, `gap` apart, for
+    /// `total` of virtual time, with the window already at `smoothed_rtt_window` (past the
+    /// limit: the minimum RTT and at least `PAST_LIMIT_RATE_INTERVAL` judge the rate).
+    fn window_past_the_limit_after_bursts(gap: Duration, total: Duration) -> u32 {
+        let mut cfg = config(Role::Client);
+        cfg.smoothed_rtt_window = WINDOW;
+        let mut p = Pair::new();
+        p.client = Session::new(cfg, p.now);
+        p.drive();
+        let id = p.server.open_stream("bulk", None).unwrap();
+        p.drive();
+        let end = p.now + total;
+        while p.now < end && p.client.stream_recv_window(id) == WINDOW {
+            p.send_external(id, WINDOW);
+            p.now += gap;
+            p.client.stream_consumed_external(p.now, id, WINDOW, 0);
+            p.deliver_grants();
+        }
+        p.client.stream_recv_window(id)
+    }
+
+    #[test]
+    fn past_the_limit_a_burst_after_a_stall_is_not_a_rate() {
+        // A whole window per 1.5 minimum RTTs, sustained: window-limited, grows once the
+        // rate has held for the interval.
+        let fast = 3 * p_step();
+        assert_eq!(
+            window_past_the_limit_after_bursts(fast, 2 * PAST_LIMIT_RATE_INTERVAL),
+            2 * WINDOW
+        );
+        // Two such bursts (as after a stall on loopback) are not enough.
+        assert_eq!(window_past_the_limit_after_bursts(fast, 2 * fast), WINDOW);
+        // Nor is a consumer that takes a window per 2.5 RTTs, however long.
+        assert_eq!(
+            window_past_the_limit_after_bursts(5 * p_step(), 4 * PAST_LIMIT_RATE_INTERVAL),
+            WINDOW
+        );
     }
 
     #[test]
