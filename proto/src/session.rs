@@ -1632,7 +1632,10 @@ mod tests {
         let id = p.server.open_stream("bulk", None).unwrap();
         p.drive();
         Pair::events(&mut p.client);
-        assert!(p.client.stream_take_buffered(id).is_empty(), "nothing queued");
+        assert!(
+            p.client.stream_take_buffered(id).is_empty(),
+            "nothing queued"
+        );
         // Two small frames are copied into the core (as a driver does with a frame whose rest
         // is small), then a large one arrives.
         for part in [&b"first "[..], &b"second"[..]] {

@@ -902,6 +902,15 @@ impl Shard {
             Vec::new()
         };
         let pipe_capacity = pipes.first().map_or(ctx.cfg.pipe_size, |p| p.capacity);
+        if pipe_capacity < ctx.cfg.pipe_size && ctx.index == 0 {
+            let max = sys::pipe_max_size().map_or("unknown".into(), |m| m.to_string());
+            warn!(
+                "pipe_size_bytes = {} was refused: splice pipes hold {pipe_capacity} bytes \
+                 (fs.pipe-max-size is {max}; raise it with sysctl, or run with \
+                 CAP_SYS_RESOURCE)",
+                ctx.cfg.pipe_size
+            );
+        }
         let busy_poll = ctx.cfg.busy_poll;
         let publish_polls = ctx.keep_awake;
         let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();

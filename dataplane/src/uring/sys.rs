@@ -101,10 +101,23 @@ impl Pipe {
         cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
         // SAFETY: both fds were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a pipe fd we own. A refusal (EPERM over the per-user limit) keeps
-        // the default size.
-        let got =
-            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        // SAFETY: fcntl on a pipe fd we own.
+        let set = |size: usize| unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                size.min(i32::MAX as usize) as libc::c_int,
+            )
+        };
+        let mut got = set(size);
+        if got < 0 {
+            // EPERM: over `fs.pipe-max-size` without CAP_SYS_RESOURCE (then the largest size
+            // allowed is the best this pipe gets), or over the per-user pipe limit (then the
+            // default size stays).
+            if let Some(max) = pipe_max_size().filter(|m| *m < size) {
+                got = set(max);
+            }
+        }
         let capacity = if got > 0 {
             got as usize
         } else {
@@ -122,6 +135,15 @@ impl Pipe {
             capacity,
         })
     }
+}
+
+/// `/proc/sys/fs/pipe-max-size`: the largest pipe an unprivileged process may ask for.
+pub(crate) fn pipe_max_size() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Non-blocking `splice(2)` of up to `len` bytes between two fds (one must be a pipe).
@@ -205,4 +227,20 @@ pub(crate) fn idle_class_reversible() -> Result<(), String> {
         .map_err(|e| format!("spawning the probe thread: {e}"))?;
     t.join()
         .unwrap_or_else(|_| Err("the probe thread panicked".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipe asked for more than `fs.pipe-max-size` gets at least that much (the cap, or
+    /// all of it with CAP_SYS_RESOURCE), never the 64 KiB default it silently kept before.
+    #[test]
+    fn a_pipe_over_the_system_maximum_gets_the_maximum() {
+        let max = pipe_max_size().expect("/proc/sys/fs/pipe-max-size is readable");
+        let p = Pipe::new(4 * max).unwrap();
+        assert!(p.capacity >= max, "capacity {} below {max}", p.capacity);
+        let small = Pipe::new(8 * 4096).unwrap();
+        assert_eq!(small.capacity, 8 * 4096);
+    }
 }
