@@ -134,6 +134,85 @@ on_both_backends! {
     a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout
         => a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout_compat,
            a_service_that_never_answers_the_connect_is_given_up_after_its_connect_timeout_uring;
+    small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact
+        => small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact_compat,
+           small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact_uring;
+}
+
+/// A service that answers every connection with `MIXED_TOTAL` pattern bytes written as small
+/// writes (1-200 bytes, each its own frame) between large ones (200-600 KiB), flushing each.
+async fn mixed_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut off = 0u64;
+                let mut i = 0u64;
+                while off < MIXED_TOTAL {
+                    let len = if i % 2 == 0 {
+                        1 + (i * 37) % 200
+                    } else {
+                        200 * 1024 + (i * 7919) % (400 * 1024)
+                    };
+                    let len = len.min(MIXED_TOTAL - off);
+                    let chunk: Vec<u8> = (off..off + len).map(|o| (o % 251) as u8).collect();
+                    if s.write_all(&chunk).await.is_err() || s.flush().await.is_err() {
+                        return;
+                    }
+                    off += len;
+                    i += 1;
+                    if i % 2 == 1 {
+                        // Let the small write leave on its own.
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+const MIXED_TOTAL: u64 = 48 * 1024 * 1024;
+
+/// Frames that are copied (small ones) and frames that are spliced (large ones, on io_uring)
+/// alternate while the visitor reads slowly, so the receiver holds bytes in memory, in the
+/// core and in its pipe at once: every byte must still arrive once and in order. (On io_uring
+/// this is the path where a large frame is spliced behind bytes the core still holds.)
+async fn small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact(backend: Backend) {
+    let service = mixed_service().await;
+    let p = start_pair(backend, service, 1).await;
+    let mut s = TcpStream::connect(p.public).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let mut reads = 0u64;
+    let read_all = async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            reads += 1;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                let off = got + i as u64;
+                assert_eq!(*b, (off % 251) as u8, "byte {off} of the download is wrong");
+            }
+            got += n as u64;
+            // A slow visitor for the first half: the tunnel's buffers fill up behind it.
+            if got < MIXED_TOTAL / 2 && reads % 8 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_all)
+        .await
+        .expect("the download finishes within 60 s");
+    assert_eq!(got, MIXED_TOTAL);
+    drop(s);
+    p.inner.shutdown().await;
 }
 
 async fn a_stalled_visitor_does_not_block_nine_others_and_buffers_at_most_its_window(

@@ -29,7 +29,7 @@ use warren_compat::{
     ShardStats,
 };
 use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
-use warren_proto::session::{Event, Readable, Role, Session};
+use warren_proto::session::{Event, Readable, Role, Session, SessionConfig};
 
 use super::awake_probe;
 use super::bufring::BufRing;
@@ -1530,13 +1530,7 @@ impl Shard {
         }
         let _ = parts.sock.set_nodelay(true);
         let can_splice = parts.tls.is_none() && self.cfg.pipe_pool > 0;
-        let mut config = h.config;
-        if can_splice {
-            // Window bytes up to a pipe's capacity are spliced, never copied: windows may grow
-            // that far on the smoothed RTT, beyond it only on the minimum RTT.
-            let pipe = u32::try_from(self.pipe_capacity).unwrap_or(u32::MAX);
-            config.smoothed_rtt_window = config.smoothed_rtt_window.min(pipe);
-        }
+        let config = spliced_session_config(h.config, can_splice, self.pipe_capacity);
         let fixed = self.fixed_register(parts.sock.as_raw_fd());
         let slot = SessionSlot {
             sock: parts.sock,
@@ -3747,10 +3741,60 @@ fn service_socket(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(sock.into())
 }
 
+/// A session's protocol config on this shard. On a session that splices (plain TCP, a pipe
+/// pool), window bytes up to a pipe's capacity are spliced, never copied: windows may grow
+/// that far on the smoothed RTT, beyond it only on the minimum RTT
+/// (`SessionConfig::smoothed_rtt_window`). TLS sessions copy anyway and keep the rule given.
+fn spliced_session_config(
+    mut config: SessionConfig,
+    can_splice: bool,
+    pipe_capacity: usize,
+) -> SessionConfig {
+    if can_splice {
+        let pipe = u32::try_from(pipe_capacity).unwrap_or(u32::MAX);
+        config.smoothed_rtt_window = config.smoothed_rtt_window.min(pipe);
+    }
+    config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use awake_probe::AwakeProbe;
+
+    #[test]
+    fn a_splicing_session_grows_windows_on_the_smoothed_rtt_only_up_to_the_pipe() {
+        let tuning = warren_proto::session::SessionConfig {
+            role: Role::Server,
+            local: warren_proto::handshake::PeerParams {
+                max_frame_payload: 1 << 20,
+                initial_stream_window: 256 << 10,
+                session_window: 16 << 20,
+                max_streams: 100,
+            },
+            peer: warren_proto::handshake::PeerParams {
+                max_frame_payload: 1 << 20,
+                initial_stream_window: 256 << 10,
+                session_window: 16 << 20,
+                max_streams: 100,
+            },
+            max_stream_window: 16 << 20,
+            smoothed_rtt_window: 16 << 20,
+            quantum: 64 << 10,
+            stream_send_buffer: 1 << 20,
+            keepalive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        };
+        let limit = |splice, cap| spliced_session_config(tuning.clone(), splice, cap);
+        assert_eq!(limit(true, 1 << 20).smoothed_rtt_window, 1 << 20);
+        assert_eq!(limit(true, 64 << 10).smoothed_rtt_window, 64 << 10);
+        // Never above what the control plane set (max_stream_window), nor for TLS.
+        assert_eq!(limit(true, 64 << 20).smoothed_rtt_window, 16 << 20);
+        assert_eq!(limit(false, 1 << 20).smoothed_rtt_window, 16 << 20);
+        assert_eq!(limit(true, usize::MAX).smoothed_rtt_window, 16 << 20);
+        // Nothing else changes.
+        assert_eq!(limit(true, 1 << 20).max_stream_window, 16 << 20);
+    }
     use core_affinity::CoreId;
 
     fn probe(idle_us: u64, spinning_us: u64) -> Result<AwakeProbe, String> {
