@@ -227,6 +227,9 @@ const OP_WRITE: u8 = 7;
 const OP_FINISH: u8 = 8;
 const OP_OPEN: u8 = 10;
 const OP_GOAWAY: u8 = 11;
+/// Followed by a byte: below 0x60 an externally taken DATA frame, below 0xc0 an external
+/// consumption report.
+const OP_DRIVER: u8 = 12;
 
 /// Harness configuration bytes: role, local params (4), peer params (4), keepalive,
 /// max_stream_window, quantum, stream_send_buffer.
@@ -303,6 +306,36 @@ fn session_seeds(dir: &Path) -> io::Result<()> {
     ops.extend([OP_WRITE, 0, 0x00, 0x01, OP_TRANSMIT, 0xff, 0xff]);
     ops.extend([OP_GOAWAY, 0, OP_TRANSMIT, 0xff, 0xff, OP_TIME, 0x10, 0x00]);
     write(dir, "client-opens-and-sends", &ops)?;
+
+    // Server role, the splice driver's receive path: a small DATA frame is copied into the core,
+    // then a larger one is taken externally behind it (the core's 600 bytes first), the driver
+    // reports delivery in two parts, a third frame is taken directly, and everything is read.
+    let mut ops = session_config(0);
+    raw(
+        &mut ops,
+        &encode(&[
+            Frame::Open {
+                stream: StreamId(2),
+                service: "web".into(),
+                visitor: None,
+            },
+            Frame::Data {
+                stream: StreamId(2),
+                payload: Bytes::from(vec![b'x'; 600]),
+            },
+        ]),
+    );
+    ops.extend([OP_EVENTS]);
+    // External DATA on known stream 0, 1 + 0x0100 bytes: 857 held by the driver.
+    ops.extend([OP_DRIVER, 0x10, 0, 0x01, 0x00]);
+    // 100 delivered (1 + 99 % 857), no backlog; then the other 757 (1 + 756 % 757).
+    ops.extend([OP_DRIVER, 0x80, 0, 0, 0, 0, 99, 0, 0, 0, 0]);
+    ops.extend([OP_DRIVER, 0x80, 0, 0, 0, 0x02, 0xf4, 0, 0, 0, 0]);
+    // Nothing left in the core: the next frame goes external directly, and is delivered.
+    ops.extend([OP_DRIVER, 0x10, 0, 0x00, 0x80]);
+    ops.extend([OP_DRIVER, 0x80, 0, 0, 0, 0, 0x80, 0, 0, 0, 0]); // 1 + 128 % 129
+    ops.extend([OP_READ, 0, 0x04, 0x00, OP_TRANSMIT, 0xff, 0xff]);
+    write(dir, "driver-takes-core-bytes-then-splices", &ops)?;
 
     // Idle: time runs out with nothing received.
     let mut ops = session_config(0);

@@ -1,7 +1,10 @@
 //! Fuzzes one `Session` the way a driver uses it, with the peer played by the fuzz input: raw
 //! bytes and well-formed frames into `handle_input`, a virtual clock into `handle_timeout`, and
 //! `poll_transmit` / `poll_event` / `stream_read` / `stream_write` / `stream_finish` /
-//! `stream_reset` / `open_stream` / `go_away` calls, in an order the input picks.
+//! `stream_reset` / `open_stream` / `go_away` calls, in an order the input picks. Also the
+//! splice driver's receive path: DATA frames taken externally (`take_external_data`, after
+//! `stream_take_buffered` when the core still holds earlier bytes) and reported consumed later
+//! (`stream_consumed_external`).
 //!
 //! Invariants, checked after every call:
 //! - nothing panics; calls the driver may make never fail except as documented;
@@ -130,6 +133,8 @@ struct Harness {
     fin_sent: HashSet<StreamId>,
     /// Pings the session sent, so the peer can answer some with the right value.
     last_ping: u64,
+    /// Bytes the "driver" holds per stream, taken externally and not yet reported consumed.
+    held: HashMap<StreamId, u32>,
 }
 
 impl Harness {
@@ -174,6 +179,7 @@ impl Harness {
             opened: HashSet::new(),
             fin_sent: HashSet::new(),
             last_ping: 0,
+            held: HashMap::new(),
         }
     }
 
@@ -266,12 +272,93 @@ impl Harness {
                 let code = GoAwayCode::from_u32(u32::from(input.u8() % 7));
                 self.session.go_away(code, "fuzz");
             }
-            _ => {
+            _ => match input.u8() {
                 // Rarely, the connection breaks.
-                if input.u8() == 0xff {
-                    self.session.handle_connection_lost("fuzz");
-                }
+                0xff => self.session.handle_connection_lost("fuzz"),
+                // The splice driver's receive path (old seeds had no-ops here).
+                b if b < 0x60 => self.external_data(input),
+                b if b < 0xc0 => self.consume_external(input),
+                _ => {}
+            },
+        }
+    }
+
+    /// A whole DATA frame from the peer arrives at the front of the input and the driver takes
+    /// it externally when the session lets it: directly, or after taking the bytes the core
+    /// still holds for the stream. Otherwise `handle_input` judges it as usual.
+    fn external_data(&mut self, input: &mut Input<'_>) {
+        let stream = self.pick_stream(input);
+        let max = self.cfg().local.max_frame_payload as usize + 16;
+        let len = 1 + usize::from(input.u16()) % max;
+        let mut wire = Vec::new();
+        Frame::Data {
+            stream,
+            payload: Bytes::from(vec![0xd7; len]),
+        }
+        .encode(&mut wire);
+        // Bytes of streams that ended were dropped with them.
+        self.held.retain(|id, _| self.session.stream_exists(*id));
+        if !self.inbound.is_empty() || self.session.is_closed() {
+            // A partial frame is pending: this one comes after it, the ordinary way.
+            self.feed(&wire);
+            return;
+        }
+        self.inbound.extend_from_slice(&wire);
+        let now = self.now();
+        if let Some((id, n)) = self.session.peek_data(&self.inbound) {
+            assert_eq!(
+                (id, n as usize),
+                (stream, len),
+                "peek_data misread the header"
+            );
+            let before = self.session.stream_buffered_before_external(id, n);
+            if let Some(queued) = before {
+                assert!(!self.session.stream_can_take_external(id, n));
+                let taken: usize = self
+                    .session
+                    .stream_take_buffered(id)
+                    .iter()
+                    .map(|b| b.len())
+                    .sum();
+                assert_eq!(taken, queued as usize, "took other than the core held");
+                *self.held.entry(id).or_default() += queued;
+                assert!(self.session.stream_can_take_external(id, n));
+                assert_eq!(self.session.stream_buffered_before_external(id, n), None);
             }
+            if self.session.stream_can_take_external(id, n) {
+                let (got, got_len, head) = self
+                    .session
+                    .take_external_data(now, &mut self.inbound)
+                    .expect("a frame the session allowed was taken");
+                assert_eq!((got, got_len, head.len()), (id, n, len));
+                *self.held.entry(id).or_default() += n;
+            }
+        }
+        let _ = self.session.handle_input(now, &mut self.inbound);
+        if self.session.is_closed() {
+            self.inbound.clear();
+        }
+        // After the session judged it: a frame over the payload limit must have ended it.
+        self.shadow_feed(&wire);
+    }
+
+    /// The driver delivered some of the bytes it holds for one stream.
+    fn consume_external(&mut self, input: &mut Input<'_>) {
+        let held: Vec<StreamId> = self.held.keys().copied().collect();
+        if held.is_empty() {
+            return;
+        }
+        let id = held[usize::from(input.u8()) % held.len()];
+        let have = self.held[&id];
+        let n = 1 + input.u32() % have;
+        let backlog = input.u32() % (have - n + 1);
+        let now = self.now();
+        self.session.stream_consumed_external(now, id, n, backlog);
+        if have == n || !self.session.stream_exists(id) {
+            // All delivered, or the stream is gone and the driver drops what it held.
+            self.held.remove(&id);
+        } else {
+            self.held.insert(id, have - n);
         }
     }
 
@@ -349,7 +436,11 @@ impl Harness {
             // A closed session ignores input; the driver would drop the connection.
             self.inbound.clear();
         }
+        self.shadow_feed(bytes);
+    }
 
+    /// Decodes the peer's bytes on the side, to learn which credit they grant.
+    fn shadow_feed(&mut self, bytes: &[u8]) {
         if self.shadow_dead {
             return;
         }
@@ -507,6 +598,18 @@ impl Harness {
         assert!(
             total <= stats.recv_buffered,
             "streams hold {total} bytes, the session counts {}",
+            stats.recv_buffered
+        );
+        // What the driver holds for live streams is counted as received and not consumed.
+        let held: u64 = self
+            .held
+            .iter()
+            .filter(|(id, _)| self.session.stream_exists(**id))
+            .map(|(_, n)| u64::from(*n))
+            .sum();
+        assert!(
+            held <= stats.recv_buffered,
+            "the driver holds {held} bytes, the session counts {}",
             stats.recv_buffered
         );
     }
