@@ -112,13 +112,18 @@ async fn download(public: SocketAddr, len: u64) -> u64 {
         if n == 0 {
             break;
         }
-        for (i, b) in buf[..n].iter().enumerate() {
-            let off = got + i as u64;
-            assert_eq!(*b, (off % 251) as u8, "byte {off} of the download is wrong");
-        }
+        check_pattern(&buf[..n], got);
         got += n as u64;
     }
     got
+}
+
+/// Checks that `bytes`, found at offset `from` of a download, continue the pattern.
+fn check_pattern(bytes: &[u8], from: u64) {
+    for (i, b) in bytes.iter().enumerate() {
+        let off = from + i as u64;
+        assert_eq!(*b, (off % 251) as u8, "byte {off} of the download is wrong");
+    }
 }
 
 on_both_backends! {
@@ -196,10 +201,7 @@ async fn small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact(backend:
             if n == 0 {
                 break;
             }
-            for (i, b) in buf[..n].iter().enumerate() {
-                let off = got + i as u64;
-                assert_eq!(*b, (off % 251) as u8, "byte {off} of the download is wrong");
-            }
+            check_pattern(&buf[..n], got);
             got += n as u64;
             // A slow visitor for the first half: the tunnel's buffers fill up behind it.
             if got < MIXED_TOTAL / 2 && reads % 8 == 0 {

@@ -246,27 +246,30 @@ fn raw(ops: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// The peer (a client) opens stream 2 for "web" and sends 600 bytes on it.
+fn peer_opens_and_sends_600() -> Vec<Frame> {
+    vec![
+        Frame::Open {
+            stream: StreamId(2),
+            service: "web".into(),
+            visitor: None,
+        },
+        Frame::Data {
+            stream: StreamId(2),
+            payload: Bytes::from(vec![b'x'; 600]),
+        },
+    ]
+}
+
 fn session_seeds(dir: &Path) -> io::Result<()> {
     // Server role: the peer (a client) opens stream 2, sends data and FIN; we read it all, answer,
     // finish, and flush.
     let mut ops = session_config(0);
-    raw(
-        &mut ops,
-        &encode(&[
-            Frame::Open {
-                stream: StreamId(2),
-                service: "web".into(),
-                visitor: None,
-            },
-            Frame::Data {
-                stream: StreamId(2),
-                payload: Bytes::from(vec![b'x'; 600]),
-            },
-            Frame::Fin {
-                stream: StreamId(2),
-            },
-        ]),
-    );
+    let mut frames = peer_opens_and_sends_600();
+    frames.push(Frame::Fin {
+        stream: StreamId(2),
+    });
+    raw(&mut ops, &encode(&frames));
     ops.extend([OP_EVENTS]);
     // Read from known stream index 0 (pick byte 0), up to 0x0400 bytes, three times.
     for _ in 0..3 {
@@ -311,20 +314,7 @@ fn session_seeds(dir: &Path) -> io::Result<()> {
     // then a larger one is taken externally behind it (the core's 600 bytes first), the driver
     // reports delivery in two parts, a third frame is taken directly, and everything is read.
     let mut ops = session_config(0);
-    raw(
-        &mut ops,
-        &encode(&[
-            Frame::Open {
-                stream: StreamId(2),
-                service: "web".into(),
-                visitor: None,
-            },
-            Frame::Data {
-                stream: StreamId(2),
-                payload: Bytes::from(vec![b'x'; 600]),
-            },
-        ]),
-    );
+    raw(&mut ops, &encode(&peer_opens_and_sends_600()));
     ops.extend([OP_EVENTS]);
     // External DATA on known stream 0, 1 + 0x0100 bytes: 857 held by the driver.
     ops.extend([OP_DRIVER, 0x10, 0, 0x01, 0x00]);

@@ -1366,6 +1366,24 @@ mod tests {
             }
         }
 
+        /// A pair whose client grows windows on the smoothed RTT only up to
+        /// `smoothed_rtt_window` (the io_uring driver's pipe), on the minimum RTT beyond.
+        fn with_client_limit(smoothed_rtt_window: u32) -> Pair {
+            let mut cfg = config(Role::Client);
+            cfg.smoothed_rtt_window = smoothed_rtt_window;
+            let mut p = Pair::new();
+            p.client = Session::new(cfg, p.now);
+            p
+        }
+
+        /// The server opens a stream and the client learns of it.
+        fn open_to_client(&mut self) -> StreamId {
+            let id = self.server.open_stream("bulk", None).unwrap();
+            self.drive();
+            Pair::events(&mut self.client);
+            id
+        }
+
         /// Moves bytes both ways until neither side has anything to send.
         fn drive(&mut self) {
             for _ in 0..10_000 {
@@ -1524,9 +1542,7 @@ mod tests {
     #[test]
     fn externally_received_payloads_keep_order_and_return_credit_on_consumption() {
         let mut p = Pair::new();
-        let id = p.server.open_stream("bulk", None).unwrap();
-        p.drive();
-        Pair::events(&mut p.client);
+        let id = p.open_to_client();
         // The server sends half a window through the external path, in two frames (16 KiB is
         // the frame limit here); of the first only the header and 100 bytes are in the input.
         let mut held = 0;
@@ -1629,9 +1645,7 @@ mod tests {
     #[test]
     fn the_driver_takes_queued_bytes_so_a_later_frame_can_be_taken_externally() {
         let mut p = Pair::new();
-        let id = p.server.open_stream("bulk", None).unwrap();
-        p.drive();
-        Pair::events(&mut p.client);
+        let id = p.open_to_client();
         assert!(
             p.client.stream_take_buffered(id).is_empty(),
             "nothing queued"
@@ -1850,10 +1864,7 @@ mod tests {
     /// up but takes 1 ms per round: slower than the minimum RTT (100 us), faster than a smoothed
     /// RTT that PINGs delayed behind data (by 100 ms) inflated to ~40 ms.
     fn window_after_paced_transfer(smoothed_rtt_window: u32) -> u32 {
-        let mut cfg = config(Role::Client);
-        cfg.smoothed_rtt_window = smoothed_rtt_window;
-        let mut p = Pair::new();
-        p.client = Session::new(cfg, p.now);
+        let mut p = Pair::with_client_limit(smoothed_rtt_window);
         p.drive();
         for _ in 0..4 {
             delayed_pong(&mut p, true, Duration::from_millis(100));
@@ -1946,13 +1957,9 @@ mod tests {
     /// `total` of virtual time, with the window already at `smoothed_rtt_window` (past the
     /// limit: the minimum RTT and at least `PAST_LIMIT_RATE_INTERVAL` judge the rate).
     fn window_past_the_limit_after_bursts(gap: Duration, total: Duration) -> u32 {
-        let mut cfg = config(Role::Client);
-        cfg.smoothed_rtt_window = WINDOW;
-        let mut p = Pair::new();
-        p.client = Session::new(cfg, p.now);
+        let mut p = Pair::with_client_limit(WINDOW);
         p.drive();
-        let id = p.server.open_stream("bulk", None).unwrap();
-        p.drive();
+        let id = p.open_to_client();
         let end = p.now + total;
         while p.now < end && p.client.stream_recv_window(id) == WINDOW {
             p.send_external(id, WINDOW);

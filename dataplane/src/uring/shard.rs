@@ -1879,10 +1879,21 @@ impl Shard {
         }
     }
 
+    /// A pipe for a stream: a pooled one, or a new one while fewer than `pipe_pool` are out.
+    /// New pipes ask for the capacity the shard's first pipe was granted, so a size over
+    /// `fs.pipe-max-size` is not asked for (and refused) again per pipe.
+    fn pipe_from_pool(&mut self) -> Option<Pipe> {
+        let p = match self.pipes.pop() {
+            Some(p) => p,
+            None if self.pipes_out < self.cfg.pipe_pool => Pipe::new(self.pipe_capacity).ok()?,
+            None => return None,
+        };
+        self.pipes_out += 1;
+        Some(p)
+    }
+
     /// Gives stream `sk` a receive pipe with room for a `len`-byte payload, if it can have one.
     fn rx_pipe_ready(&mut self, sk: Key, len: usize) -> bool {
-        let pipe_size = self.cfg.pipe_size;
-        let pool_max = self.cfg.pipe_pool;
         let Some(st) = self.streams.get(sk) else {
             return false;
         };
@@ -1890,15 +1901,9 @@ impl Shard {
             return false;
         }
         if st.rx_pipe.is_none() {
-            let pipe = match self.pipes.pop() {
-                Some(p) => Some(p),
-                None if self.pipes_out < pool_max => Pipe::new(pipe_size).ok(),
-                None => None,
-            };
-            let Some(p) = pipe else {
+            let Some(p) = self.pipe_from_pool() else {
                 return false;
             };
-            self.pipes_out += 1;
             let st = self.streams.get(sk).expect("checked above");
             st.rx_pipe = Some(p);
         }
@@ -1922,24 +1927,11 @@ impl Shard {
         let pipe = st.rx_pipe.as_ref().expect("rx_pipe_ready gave it one");
         let mut all_in = true;
         for chunk in chunks {
-            let mut off = 0;
-            while all_in && off < chunk.len() {
-                // SAFETY: writes from a live slice to a pipe we own (non-blocking).
-                let n = unsafe {
-                    libc::write(
-                        pipe.write.as_raw_fd(),
-                        chunk[off..].as_ptr().cast(),
-                        chunk.len() - off,
-                    )
-                };
-                if n <= 0 {
-                    all_in = false;
-                    break;
-                }
-                off += n as usize;
-            }
+            // After a short write every later chunk waits in memory too, in order.
+            let off = if all_in { pipe.write_some(&chunk) } else { 0 };
             st.rx_pipe_bytes += off;
             if off < chunk.len() {
+                all_in = false;
                 st.rx_overflow.push_back(chunk.freeze().slice(off..));
             }
         }
@@ -1971,24 +1963,10 @@ impl Shard {
         };
         if !head.is_empty() {
             // The bytes that came with the header go into the pipe first, by copy.
+            // The pipe had room for the whole payload by bytes; by slots it may not: the
+            // rest waits in memory, in order.
             let pipe = st.rx_pipe.as_ref().expect("rx_pipe_ready gave it one");
-            let mut off = 0;
-            while off < head.len() {
-                // SAFETY: writes from a live slice to a pipe we own.
-                let n = unsafe {
-                    libc::write(
-                        pipe.write.as_raw_fd(),
-                        head[off..].as_ptr().cast(),
-                        head.len() - off,
-                    )
-                };
-                if n <= 0 {
-                    // The pipe had room for the whole payload by bytes; by slots it may not:
-                    // keep the rest in memory, in order.
-                    break;
-                }
-                off += n as usize;
-            }
+            let off = pipe.write_some(&head);
             st.rx_pipe_bytes += off;
             if off < head.len() {
                 st.rx_overflow.push_back(head.slice(off..));
@@ -3156,23 +3134,14 @@ impl Shard {
                 None => return,
             }
         }
-        let pipe_size = self.cfg.pipe_size;
-        let pool_max = self.cfg.pipe_pool;
         let Some(st) = self.streams.get(k) else {
             return;
         };
         if st.pipe.is_none() {
-            let pipe = match self.pipes.pop() {
-                Some(p) => Some(p),
-                None if self.pipes_out < pool_max => Pipe::new(pipe_size).ok(),
-                None => None,
-            };
+            let pipe = self.pipe_from_pool();
             let st = self.streams.get(k).expect("checked above");
             match pipe {
-                Some(p) => {
-                    st.pipe = Some(p);
-                    self.pipes_out += 1;
-                }
+                Some(p) => st.pipe = Some(p),
                 None => {
                     // Pool empty: this stream copies instead, for the rest of its life.
                     st.splice_mode = false;

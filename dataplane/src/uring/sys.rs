@@ -137,6 +137,29 @@ impl Pipe {
     }
 }
 
+impl Pipe {
+    /// Copies as much of `bytes` into the pipe as it takes now (non-blocking; a full pipe, by
+    /// bytes or by slots, stops it) and returns how many went in.
+    pub(crate) fn write_some(&self, bytes: &[u8]) -> usize {
+        let mut off = 0;
+        while off < bytes.len() {
+            // SAFETY: writes from a live slice to a pipe fd we own.
+            let n = unsafe {
+                libc::write(
+                    self.write.as_raw_fd(),
+                    bytes[off..].as_ptr().cast(),
+                    bytes.len() - off,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            off += n as usize;
+        }
+        off
+    }
+}
+
 /// `/proc/sys/fs/pipe-max-size`: the largest pipe an unprivileged process may ask for.
 pub(crate) fn pipe_max_size() -> Option<usize> {
     std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
@@ -242,5 +265,19 @@ mod tests {
         assert!(p.capacity >= max, "capacity {} below {max}", p.capacity);
         let small = Pipe::new(8 * 4096).unwrap();
         assert_eq!(small.capacity, 8 * 4096);
+    }
+
+    #[test]
+    fn write_some_stops_at_a_full_pipe_and_keeps_order() {
+        let p = Pipe::new(4096).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let n = p.write_some(&data);
+        assert_eq!(n, p.capacity, "a full pipe takes exactly its capacity");
+        assert_eq!(p.write_some(&data[n..]), 0, "and then nothing");
+        let mut back = vec![0u8; n];
+        // SAFETY: reads into a buffer of `n` bytes from a pipe fd we own.
+        let r = unsafe { libc::read(p.read.as_raw_fd(), back.as_mut_ptr().cast(), n) };
+        assert_eq!(r as usize, n);
+        assert_eq!(back, data[..n]);
     }
 }
