@@ -143,7 +143,7 @@ pub(crate) fn spawn_session(shard: Rc<Shard>, h: SessionHandoff) {
         shard = shard.index,
         session = handle.id,
         peer = %handle.peer_name,
-        tls = io.is_tls(),
+        tls = io.tls_kind(),
         "session running"
     );
     let done = h.done;

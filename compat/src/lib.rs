@@ -13,6 +13,7 @@
 pub mod clock;
 mod driver;
 pub mod listener;
+pub mod records;
 mod shard;
 mod short_io;
 pub mod transport;

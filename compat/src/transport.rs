@@ -11,6 +11,7 @@ use std::io::{self, BufRead, Read, Write};
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::records::Tls13Records;
 use crate::short_io::ShortIo;
 
 /// TLS state of a session, when it has one.
@@ -21,8 +22,18 @@ pub type TlsConn = rustls::Connection;
 pub struct SessionIo {
     sock: TcpStream,
     tls: Option<Box<TlsConn>>,
-    /// Encoded bytes waiting for the socket (plain mode only; rustls keeps its own).
+    /// The session's records after the hand-over from rustls (then `tls` is None).
+    records: Option<Box<Tls13Records>>,
+    /// May take the record layer over from rustls at [`SessionIo::into_parts`] (its config
+    /// enables secret extraction).
+    takeover: bool,
+    /// Where the reader is in the received TLS byte stream: rustls is only ever given whole
+    /// records, so at the hand-over it holds none half-read.
+    cursor: RecordCursor,
+    /// Encoded bytes waiting for the socket (plain mode and own records; rustls keeps its own).
     out: BytesMut,
+    /// Ciphertext read from the socket before it is opened (own records only).
+    scratch: Vec<u8>,
     /// Short-I/O injection for tests; zero-sized and inert in normal builds.
     short: ShortIo,
 }
@@ -47,16 +58,66 @@ pub struct SessionParts {
     pub tls: Option<Box<TlsConn>>,
     /// Plaintext bytes already read but not yet consumed (pipelined after the handshake).
     pub leftover: BytesMut,
+    /// The TLS record layer, taken over from rustls (then `tls` is None): see
+    /// [`crate::records`].
+    pub records: Option<Box<Tls13Records>>,
+}
+
+/// Position in the received TLS stream, so that the handshake reader never hands rustls part
+/// of a record (see [`SessionIo::into_parts`]).
+#[derive(Debug, Default)]
+struct RecordCursor {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+}
+
+impl RecordCursor {
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+
+    /// How many bytes a read may take without passing the end of the current record (or of
+    /// the next record's header).
+    fn limit(&self, want: usize) -> usize {
+        if self.body_left > 0 {
+            want.min(self.body_left)
+        } else {
+            want.min(5 - self.header_len)
+        }
+    }
+
+    fn advance(&mut self, read: &[u8]) {
+        let mut read = read;
+        while !read.is_empty() {
+            if self.body_left > 0 {
+                let n = read.len().min(self.body_left);
+                self.body_left -= n;
+                read = &read[n..];
+            } else {
+                let n = read.len().min(5 - self.header_len);
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&read[..n]);
+                self.header_len += n;
+                read = &read[n..];
+                if self.header_len == 5 {
+                    self.body_left = usize::from(self.header[3]) << 8 | usize::from(self.header[4]);
+                    self.header_len = 0;
+                }
+            }
+        }
+    }
 }
 
 /// Largest plaintext read per call, so one busy session cannot starve the shard's other work.
 const READ_BUDGET: usize = 1024 * 1024;
 
-struct SockReader<'a>(&'a TcpStream, &'a mut ShortIo);
+struct SockReader<'a>(&'a TcpStream, &'a mut ShortIo, &'a mut RecordCursor);
 impl Read for SockReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.1.cap(buf.len());
-        self.0.try_read(&mut buf[..n])
+        let n = self.2.limit(self.1.cap(buf.len()));
+        let n = self.0.try_read(&mut buf[..n])?;
+        self.2.advance(&buf[..n]);
+        Ok(n)
     }
 }
 struct SockWriter<'a>(&'a TcpStream, &'a mut ShortIo);
@@ -110,9 +171,20 @@ impl SessionIo {
         SessionIo {
             sock,
             tls: tls.map(Box::new),
+            records: None,
+            takeover: false,
+            cursor: RecordCursor::default(),
             out: BytesMut::new(),
+            scratch: Vec::new(),
             short: ShortIo::default(),
         }
+    }
+
+    /// Lets [`SessionIo::into_parts`] take the record layer over from rustls (TLS 1.3 with a
+    /// suite [`crate::records`] implements). Call it only when the connection's config sets
+    /// `enable_secret_extraction`.
+    pub fn allow_record_takeover(&mut self) {
+        self.takeover = true;
     }
 
     /// Re-creates the pump on the current runtime from [`SessionIo::into_parts`].
@@ -123,7 +195,11 @@ impl SessionIo {
             SessionIo {
                 sock,
                 tls: parts.tls,
+                records: parts.records,
+                takeover: false,
+                cursor: RecordCursor::default(),
                 out: BytesMut::new(),
+                scratch: Vec::new(),
                 short: ShortIo::default(),
             },
             parts.leftover,
@@ -131,17 +207,28 @@ impl SessionIo {
     }
 
     /// Takes the pump apart; `leftover` is plaintext read but not consumed. Fails if encoded
-    /// bytes are still waiting to be written (flush first).
+    /// bytes are still waiting to be written (flush first). A finished TLS 1.3 handshake whose
+    /// reader stopped at a record boundary hands its record layer over to
+    /// [`Tls13Records`] when [`SessionIo::allow_record_takeover`] was called.
     pub fn into_parts(self, leftover: BytesMut) -> io::Result<SessionParts> {
         if self.wants_write() {
             return Err(io::Error::other(
                 "session output not flushed before handoff",
             ));
         }
+        let (mut tls, mut records) = (self.tls, self.records);
+        if let Some(t) = tls.take_if(|t| {
+            self.takeover && self.cursor.at_boundary() && Tls13Records::can_take_over(t).is_ok()
+        }) {
+            records = Some(Box::new(
+                Tls13Records::take_over(*t).map_err(io::Error::other)?,
+            ));
+        }
         Ok(SessionParts {
             sock: self.sock.into_std()?,
-            tls: self.tls,
+            tls,
             leftover,
+            records,
         })
     }
 
@@ -152,7 +239,17 @@ impl SessionIo {
 
     /// True when this session is encrypted.
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        self.tls.is_some() || self.records.is_some()
+    }
+
+    /// Who seals and opens the session's records: "own-records" ([`crate::records`]),
+    /// "rustls", or "none" (plain TCP). For the "session running" log line.
+    pub fn tls_kind(&self) -> &'static str {
+        match (&self.tls, &self.records) {
+            (Some(_), _) => "rustls",
+            (None, Some(_)) => "own-records",
+            (None, None) => "none",
+        }
     }
 
     /// True while the TLS handshake is still running.
@@ -162,6 +259,35 @@ impl SessionIo {
 
     /// Reads what the socket has (up to a budget) and appends the plaintext to `plain`.
     pub fn read_into(&mut self, plain: &mut BytesMut) -> io::Result<ReadOutcome> {
+        if let Some(records) = self.records.as_mut() {
+            let mut got = 0;
+            while got < READ_BUDGET {
+                if self.scratch.len() < 64 * 1024 {
+                    self.scratch.resize(64 * 1024, 0);
+                }
+                let n = self.short.cap(self.scratch.len());
+                match self.sock.try_read(&mut self.scratch[..n]) {
+                    Ok(0) => {
+                        return Ok(if got == 0 {
+                            ReadOutcome::Eof
+                        } else {
+                            ReadOutcome::Progress
+                        })
+                    }
+                    Ok(n) => {
+                        got += n;
+                        records.open(&self.scratch[..n], plain)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(if got == 0 {
+                ReadOutcome::WouldBlock
+            } else {
+                ReadOutcome::Progress
+            });
+        }
         let Some(tls) = self.tls.as_mut() else {
             let mut got = 0;
             while got < READ_BUDGET {
@@ -187,8 +313,13 @@ impl SessionIo {
         };
         let mut got = 0;
         let mut eof = false;
+        let start = plain.len();
         while got < READ_BUDGET {
-            match tls.read_tls(&mut SockReader(&self.sock, &mut self.short)) {
+            match tls.read_tls(&mut SockReader(
+                &self.sock,
+                &mut self.short,
+                &mut self.cursor,
+            )) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -198,6 +329,11 @@ impl SessionIo {
                 Err(e) => return Err(e),
             }
             process_into(tls, plain)?;
+            if self.takeover && plain.len() > start && self.cursor.at_boundary() {
+                // Stop after the first whole record with plaintext: the caller may be about
+                // to hand the session over, and what follows belongs to the new owner.
+                break;
+            }
         }
         if eof {
             // A clean close_notify or a plain TCP close: either way nothing more will come.
@@ -217,6 +353,9 @@ impl SessionIo {
 
     /// Queues plaintext for the peer. Call [`SessionIo::flush`] to put it on the wire.
     pub fn queue(&mut self, plain: &[u8]) -> io::Result<()> {
+        if let Some(records) = self.records.as_mut() {
+            return records.seal(plain, &mut self.out);
+        }
         match self.tls.as_mut() {
             None => {
                 self.out.extend_from_slice(plain);
@@ -228,6 +367,9 @@ impl SessionIo {
 
     /// True while encoded bytes wait for the socket.
     pub fn wants_write(&self) -> bool {
+        if self.records.is_some() {
+            return !self.out.is_empty();
+        }
         match &self.tls {
             None => !self.out.is_empty(),
             Some(t) => t.wants_write(),
@@ -238,6 +380,7 @@ impl SessionIo {
     /// everything was written.
     pub fn flush(&mut self) -> io::Result<bool> {
         match self.tls.as_mut() {
+            // Plain TCP, or records sealed by warren (queued in `out` too).
             None => {
                 while !self.out.is_empty() {
                     let n = self.short.cap(self.out.len());
@@ -318,7 +461,116 @@ impl SessionIo {
         if let Some(tls) = self.tls.as_mut() {
             tls.send_close_notify();
         }
+        if let Some(records) = self.records.as_mut() {
+            let _ = records.seal_close_notify(&mut self.out);
+        }
         let _ = self.flush_all().await;
         let _ = socket2::SockRef::from(&self.sock).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, ServerConnection};
+
+    use super::*;
+    use crate::records::tests::{configs, SUITES};
+
+    /// The server writes its last handshake-phase message and the first record of the next
+    /// owner in one write, as a server shard that sends frames right after the accept does.
+    /// The client's handshake reader stops at the end of the first record, so the second one
+    /// is opened by the records taken over at the hand-over, not lost inside rustls.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_record_pipelined_behind_the_last_handshake_message_survives_the_hand_over() {
+        let (sc, cc) = configs(SUITES[0]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let tls = TlsConn::from(ServerConnection::new(sc).unwrap());
+            let mut io = SessionIo::new(sock, Some(tls));
+            let mut plain = BytesMut::new();
+            io.complete_tls_handshake(&mut plain).await.unwrap();
+            // Two records in one write.
+            io.queue(b"accept").unwrap();
+            io.queue(b"first frame after the hand-over").unwrap();
+            io.flush_all().await.unwrap();
+            // Wait for the client's answer, then close.
+            while plain.len() < 5 {
+                assert_eq!(
+                    io.read_some(&mut plain).await.unwrap(),
+                    ReadOutcome::Progress
+                );
+            }
+            plain
+        });
+        let sock = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("warren.test").unwrap();
+        let tls = TlsConn::from(ClientConnection::new(cc, name).unwrap());
+        let mut io = SessionIo::new(sock, Some(tls));
+        io.allow_record_takeover();
+        let mut plain = BytesMut::new();
+        io.complete_tls_handshake(&mut plain).await.unwrap();
+        while plain.len() < 6 {
+            assert_eq!(
+                io.read_some(&mut plain).await.unwrap(),
+                ReadOutcome::Progress
+            );
+        }
+        assert_eq!(
+            &plain[..],
+            b"accept",
+            "the reader went past the first record"
+        );
+        let parts = io.into_parts(BytesMut::new()).unwrap();
+        assert!(parts.tls.is_none() && parts.records.is_some());
+        let (mut io, _) = SessionIo::from_parts(parts).unwrap();
+        assert_eq!(io.tls_kind(), "own-records");
+        let mut plain = BytesMut::new();
+        let want = b"first frame after the hand-over";
+        while plain.len() < want.len() {
+            assert_eq!(
+                io.read_some(&mut plain).await.unwrap(),
+                ReadOutcome::Progress
+            );
+        }
+        assert_eq!(&plain[..], want);
+        io.queue(b"hello").unwrap();
+        io.flush_all().await.unwrap();
+        assert_eq!(&server.await.unwrap()[..], b"hello");
+    }
+
+    /// Without the takeover the same bytes all go through rustls (and reads are not cut at
+    /// record boundaries).
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_the_takeover_rustls_keeps_the_records() {
+        let (sc, cc) = configs(SUITES[0]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let tls = TlsConn::from(ServerConnection::new(sc).unwrap());
+            let mut io = SessionIo::new(sock, Some(tls));
+            let mut plain = BytesMut::new();
+            io.complete_tls_handshake(&mut plain).await.unwrap();
+            io.queue(b"one").unwrap();
+            io.flush_all().await.unwrap();
+        });
+        let sock = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("warren.test").unwrap();
+        let tls = TlsConn::from(ClientConnection::new(cc, name).unwrap());
+        let mut io = SessionIo::new(sock, Some(tls));
+        let mut plain = BytesMut::new();
+        io.complete_tls_handshake(&mut plain).await.unwrap();
+        while plain.len() < 3 {
+            assert_eq!(
+                io.read_some(&mut plain).await.unwrap(),
+                ReadOutcome::Progress
+            );
+        }
+        server.await.unwrap();
+        let parts = io.into_parts(BytesMut::new()).unwrap();
+        assert!(parts.tls.is_some() && parts.records.is_none());
     }
 }

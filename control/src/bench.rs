@@ -263,7 +263,7 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 16] = [
+        let rows: [(&str, String, String); 17] = [
             (
                 "backend",
                 s.tuning.backend.to_string(),
@@ -335,6 +335,11 @@ impl BenchResult {
                 "busy_poll_sched_idle",
                 s.tuning.busy_poll_sched_idle.to_string(),
                 c.tuning.busy_poll_sched_idle.to_string(),
+            ),
+            (
+                "tls_own_records",
+                s.tuning.tls_own_records.to_string(),
+                c.tuning.tls_own_records.to_string(),
             ),
         ];
         for (name, a, b) in rows {
@@ -430,6 +435,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "busy_poll_us": t.busy_poll_us,
         "busy_poll_other_cores": t.busy_poll_other_cores.as_str(),
         "busy_poll_sched_idle": t.busy_poll_sched_idle,
+        "tls_own_records": t.tls_own_records,
     })
 }
 

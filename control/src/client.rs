@@ -393,6 +393,10 @@ async fn connect(ctx: &Ctx, index: u16) -> anyhow::Result<Connected> {
         None => None,
     };
     let mut io = SessionIo::new(sock, tls);
+    if cfg.tuning.tls_own_records {
+        // The config enables secret extraction (tls::client_tls).
+        io.allow_record_takeover();
+    }
     let mut input = BytesMut::new();
     let handshake = async {
         io.complete_tls_handshake(&mut input)

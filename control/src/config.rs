@@ -429,6 +429,11 @@ pub struct Tuning {
     /// core taken by other work. Needs `CAP_SYS_NICE` or `RLIMIT_NICE` >= 20 (systemd
     /// `LimitNICE=+0`); without, polls stay `SCHED_OTHER` with one log line.
     pub busy_poll_sched_idle: bool,
+    /// `tls_own_records`: once a TLS 1.3 session's handshake is over, warren seals and opens
+    /// its records itself (`compat/src/records.rs`: the same wire format, fewer copies) instead
+    /// of rustls (default true). Each end decides for itself; `false` keeps rustls for the
+    /// whole session.
+    pub tls_own_records: bool,
 }
 
 impl Default for Tuning {
@@ -450,6 +455,7 @@ impl Default for Tuning {
             busy_poll_us: 50,
             busy_poll_other_cores: KeepAwake::Auto,
             busy_poll_sched_idle: true,
+            tls_own_records: true,
         }
     }
 }
@@ -498,6 +504,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "server.tuning.busy_poll_us",
         "server.tuning.busy_poll_other_cores",
         "server.tuning.busy_poll_sched_idle",
+        "server.tuning.tls_own_records",
         "client.server_addr",
         "client.name",
         "client.token",
@@ -530,6 +537,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "client.tuning.busy_poll_us",
         "client.tuning.busy_poll_other_cores",
         "client.tuning.busy_poll_sched_idle",
+        "client.tuning.tls_own_records",
     ]
 }
 
@@ -1494,6 +1502,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
     let busy_poll = t.u32_or("busy_poll_us", d.busy_poll_us, 0..=10_000);
     let busy_poll_other_cores = t.optional_keep_awake("busy_poll_other_cores");
     let busy_poll_sched_idle = t.optional_bool("busy_poll_sched_idle");
+    let tls_own_records = t.optional_bool("tls_own_records");
 
     if let Some(initial) = initial {
         for (key, value) in [
@@ -1574,6 +1583,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
             .ok()?
             .unwrap_or(d.busy_poll_other_cores),
         busy_poll_sched_idle: busy_poll_sched_idle.ok()?.unwrap_or(d.busy_poll_sched_idle),
+        tls_own_records: tls_own_records.ok()?.unwrap_or(d.tls_own_records),
     })
 }
 
@@ -2025,7 +2035,7 @@ local_addr = "127.0.0.1:22"
             "[server.tuning]\ncores = [2, 3]\ninitial_stream_window_bytes = 1024\nmax_stream_window_bytes = 2048\n\
              session_window_bytes = 1048576\nmax_frame_payload_bytes = 16384\nquantum_bytes = 8192\n\
              read_buffer_bytes = 4096\nmax_streams_per_session = 8\nbackend = \"compat\"\nbuffer_count = 128\n\
-             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\nbusy_poll_sched_idle = false\n[server.clients.laptop]",
+             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\nbusy_poll_sched_idle = false\ntls_own_records = false\n[server.clients.laptop]",
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(
@@ -2047,6 +2057,7 @@ local_addr = "127.0.0.1:22"
                 busy_poll_us: 0,
                 busy_poll_other_cores: KeepAwake::Off,
                 busy_poll_sched_idle: false,
+                tls_own_records: false,
             }
         );
         assert_eq!(tuning.shard_count(64), 2);

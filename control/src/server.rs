@@ -240,6 +240,10 @@ async fn setup_session(a: &Acceptor, sock: TcpStream, peer: SocketAddr) -> anyho
         None => None,
     };
     let mut io = SessionIo::new(sock, tls);
+    if a.cfg.tuning.tls_own_records {
+        // The config enables secret extraction (tls::server_tls).
+        io.allow_record_takeover();
+    }
     let mut input = BytesMut::new();
     io.complete_tls_handshake(&mut input)
         .await

@@ -242,6 +242,9 @@ pub fn server_tls(cfg: &ServerConfig) -> Result<ServerTls, TlsError> {
             source,
         })?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // The data plane may seal and open the records itself after the handshake
+    // (`tuning.tls_own_records`, warren_compat::records).
+    config.enable_secret_extraction = true;
     Ok(ServerTls {
         config: Arc::new(config),
         fingerprint,
@@ -279,6 +282,7 @@ pub fn client_tls(cfg: &ClientConfig) -> Result<ClientTls, TlsError> {
         }
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.enable_secret_extraction = true;
     Ok(ClientTls {
         config: Arc::new(config),
         server_name,

@@ -154,7 +154,9 @@ class Warren(System):
     # true (keep-awake threads whatever the start-up probe would say; the default is "auto").
     # "poll100", "poll200":
     # busy_poll_us = 100 / 200. "otherpoll": busy_poll_sched_idle = false (busy polls run as
-    # SCHED_OTHER, so threads the shard wakes are placed on other cores).
+    # SCHED_OTHER, so threads the shard wakes are placed on other cores). "rustls":
+    # tls_own_records = false (rustls seals and opens every record, as before warren's own
+    # record layer; TLS systems only).
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
@@ -166,6 +168,7 @@ class Warren(System):
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
         "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
                       ["busy_poll_sched_idle = false"]),
+        "rustls": ("records by rustls", ["tls_own_records = false"], ["tls_own_records = false"]),
     }
 
     def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
@@ -460,4 +463,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="awake"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
+            Warren(ctx, "tls", variant="rustls"),
             RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

@@ -24,6 +24,7 @@ use crossbeam_queue::ArrayQueue;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
 use tracing::{debug, info, warn};
+use warren_compat::records::Tls13Records;
 use warren_compat::{
     LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
     ShardStats,
@@ -639,6 +640,8 @@ struct SessionSlot {
     /// socket use it; the synchronous reads, sends and splices use the fd.
     fixed: Option<u32>,
     tls: Option<Box<rustls::Connection>>,
+    /// The TLS records once warren seals and opens them itself (then `tls` is None).
+    records: Option<Box<Tls13Records>>,
     core: Session,
     id: u64,
     peer_name: Arc<str>,
@@ -651,6 +654,8 @@ struct SessionSlot {
     out_sent: usize,
     /// Frames produced by the core before TLS encryption (TLS sessions only).
     plain: Vec<u8>,
+    /// The close_notify record is in `out` (own records only).
+    close_sealed: bool,
     splice: Option<SpliceOut>,
     /// Spliced streams whose pipes hold bytes, in turn order.
     splice_ready: VecDeque<Key>,
@@ -695,6 +700,24 @@ impl SessionSlot {
     /// Appends what the core has to send to `out`: frames as they are (plain TCP) or as TLS
     /// records, with close_notify after the last frame of a clean end.
     fn produce(&mut self) {
+        if let Some(records) = self.records.as_mut() {
+            // Frames into `plain`, then sealed straight into `out` (one copy, in cache).
+            self.plain.clear();
+            self.core.poll_transmit(&mut self.plain, TRANSMIT_CHUNK);
+            let mut sealed = records.seal(&self.plain, &mut self.out);
+            let clean_end = self.ending.as_ref().is_some_and(|e| e.0.is_none());
+            if sealed.is_ok() && clean_end && !self.core.has_transmit() && !self.close_sealed {
+                self.close_sealed = true;
+                sealed = records.seal_close_notify(&mut self.out);
+            }
+            if let Err(e) = sealed {
+                self.core.handle_connection_lost(&e.to_string());
+            }
+            if self.plain.capacity() > 4 * TRANSMIT_CHUNK {
+                self.plain = Vec::new();
+            }
+            return;
+        }
         let Some(tls) = self.tls.as_mut() else {
             self.core.poll_transmit(&mut self.out, TRANSMIT_CHUNK);
             return;
@@ -1529,13 +1552,14 @@ impl Shard {
             return;
         }
         let _ = parts.sock.set_nodelay(true);
-        let can_splice = parts.tls.is_none() && self.cfg.pipe_pool > 0;
+        let can_splice = parts.tls.is_none() && parts.records.is_none() && self.cfg.pipe_pool > 0;
         let config = spliced_session_config(h.config, can_splice, self.pipe_capacity);
         let fixed = self.fixed_register(parts.sock.as_raw_fd());
         let slot = SessionSlot {
             sock: parts.sock,
             fixed,
             tls: parts.tls,
+            records: parts.records,
             core: Session::new(config, clock::now()),
             id: h.session_id,
             peer_name: h.peer_name,
@@ -1545,6 +1569,7 @@ impl Shard {
             out: Vec::with_capacity(TRANSMIT_CHUNK + 64 * 1024),
             out_sent: 0,
             plain: Vec::new(),
+            close_sealed: false,
             splice: None,
             splice_ready: VecDeque::new(),
             streams: HashMap::new(),
@@ -1570,7 +1595,11 @@ impl Shard {
                 self.board.add(s, self.index);
             }
         }
-        let tls = slot.tls.is_some();
+        let tls = match (&slot.tls, &slot.records) {
+            (Some(_), _) => "rustls",
+            (None, Some(_)) => "own-records",
+            (None, None) => "none",
+        };
         let k = self.sessions.insert(slot);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = self.sessions.get(k) {
@@ -2005,12 +2034,13 @@ impl Shard {
         }
         let now = clock::now();
         if let Some(data) = data {
-            let fed = match s.tls.as_mut() {
-                None => {
+            let fed = match (s.tls.as_mut(), s.records.as_mut()) {
+                (Some(tls), _) => feed_tls(tls, &data, &mut s.input),
+                (None, Some(records)) => records.open(&data, &mut s.input),
+                (None, None) => {
                     s.input.extend_from_slice(&data);
                     Ok(())
                 }
-                Some(tls) => feed_tls(tls, &data, &mut s.input),
             };
             drop(data);
             if let Err(e) = fed {
