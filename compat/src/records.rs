@@ -263,14 +263,9 @@ impl Tls13Records {
                     let header: [u8; HEADER_LEN] = record[..HEADER_LEN]
                         .try_into()
                         .map_err(|_| bad_data("TLS: short record header"))?;
-                    let start = plain.len();
-                    let r = self.open_record(header, &mut record[HEADER_LEN..]);
-                    match r {
-                        Ok(Some(n)) => plain.extend_from_slice(&record[HEADER_LEN..HEADER_LEN + n]),
-                        Ok(None) => {}
-                        Err(e) => return Err(e),
+                    if let Some(n) = self.open_record(header, &mut record[HEADER_LEN..])? {
+                        plain.extend_from_slice(&record[HEADER_LEN..HEADER_LEN + n]);
                     }
-                    debug_assert!(plain.len() >= start);
                     // Keep the allocation for the next record that spans reads.
                     record.clear();
                     self.partial = record;
