@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Each seed starts with the byte the targets read first (the chunk size for `frame` and
-//! `handshake`; the configuration for `session`). The session seeds follow the op encoding of
+//! `handshake`; the configuration for `session`; the first op for `records`). The session seeds follow the op encoding of
 //! `fuzz_targets/session.rs` (`Harness::step`); keep the two in step.
 
 use std::fs;
@@ -29,6 +29,49 @@ fn main() -> io::Result<()> {
     frame_seeds(&root.join("frame"))?;
     handshake_seeds(&root.join("handshake"))?;
     session_seeds(&root.join("session"))?;
+    records_seeds(&root.join("records"))?;
+    Ok(())
+}
+
+/// Scripts in the op encoding of `fuzz_targets/records.rs` (op % 5: 0/1 application data of
+/// `op / 5 * 97 % 4097` bytes from an 8-byte pattern, x5 when op >= 0x80; 2 a record of any
+/// inner type: type, padding / 67, content length, content; 3 raw bytes; 4 a bit flip), each
+/// ending with the byte that picks the chunking.
+fn records_seeds(dir: &Path) -> io::Result<()> {
+    let pattern = *b"warren!!";
+    let app = |op: u8| [&[op][..], &pattern[..]].concat();
+    // Application data only: 12 x 97 bytes, then 42 x 97 x 5 (several whole records).
+    let only_app = [app(60), app(0x80 | 210), app(5), vec![3]].concat();
+    write(dir, "app-data-only", &only_app)?;
+    // Data, a session ticket (ignored), data, close_notify, then data after it (refused).
+    let ticket = [&[2u8, 22, 0, 8][..], &[4, 0, 0, 4, 1, 2, 3, 4][..]].concat();
+    let close = [2u8, 21, 0, 2, 1, 0];
+    let script = [app(60), ticket, app(65), close.to_vec(), app(10), vec![1]].concat();
+    write(dir, "ticket-close-notify-then-data", &script)?;
+    // A key update (refused by name), padding on data, an unprotected header, a bit flip.
+    let padded = [2u8, 23, 200, 5, b'h', b'e', b'l', b'l', b'o'];
+    let key_update = [2u8, 22, 0, 5, 24, 0, 0, 1, 0];
+    let raw = [3u8 + 5 * 5, 22, 3, 3, 0, 40];
+    let flip = [4u8, 0, 9];
+    let script = [
+        app(25),
+        padded.to_vec(),
+        app(30),
+        key_update.to_vec(),
+        vec![7],
+    ]
+    .concat();
+    write(dir, "padding-then-key-update", &script)?;
+    write(
+        dir,
+        "unprotected-header",
+        &[app(25), raw.to_vec(), app(25), vec![2]].concat(),
+    )?;
+    write(
+        dir,
+        "bit-flip",
+        &[app(40), app(40), flip.to_vec(), vec![0]].concat(),
+    )?;
     Ok(())
 }
 
