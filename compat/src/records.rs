@@ -4,11 +4,12 @@
 //! see [`crate::transport::SessionIo`]), the session's traffic keys are taken out of rustls
 //! (`dangerous_extract_secrets`, the hand-over kernel TLS uses) and the data plane seals and
 //! opens the application-data records itself, with ring's AEADs, as RFC 8446 section 5.2
-//! defines them. The point is copies: rustls's buffered API copies every byte twice more than
-//! needed on the way out (into its record, then out of its queue) and once more on the way in
-//! (into its deframer). Here a sealed record is written straight into the caller's output
-//! buffer and sealed in place; a received record that arrives whole in one read is copied once,
-//! into the caller's plaintext buffer, and opened in place there.
+//! defines them. The point is copies: rustls's buffered API copies every byte twice on the way
+//! out (into its record, then out of its queue to the caller) and three times on the way in
+//! (into its deframer, into a plaintext chunk, out to the caller), and zero-fills its deframer
+//! buffer. Here a record is written straight into the caller's output buffer and sealed in
+//! place (one copy); a received record that arrives whole in one read is copied once, into the
+//! caller's plaintext buffer, and opened in place there (two copies when it spans reads).
 //!
 //! What it does not do, and what happens instead:
 //! - Key updates: neither warren end asks for one. A peer that sends `KeyUpdate` ends the
@@ -22,7 +23,7 @@
 
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use ring::aead;
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion, SupportedCipherSuite};
 
@@ -46,39 +47,10 @@ const HS_NEW_SESSION_TICKET: u8 = 4;
 const HS_KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 
-/// Where sealed records go: the data planes' output buffers.
-pub trait RecordOut {
-    /// Appends bytes.
-    fn put(&mut self, bytes: &[u8]);
-    /// Bytes written so far.
-    fn written(&self) -> usize;
-    /// The bytes from `from` to the end, to seal in place.
-    fn tail_mut(&mut self, from: usize) -> &mut [u8];
-}
-
-impl RecordOut for Vec<u8> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-    fn written(&self) -> usize {
-        self.len()
-    }
-    fn tail_mut(&mut self, from: usize) -> &mut [u8] {
-        &mut self[from..]
-    }
-}
-
-impl RecordOut for BytesMut {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-    fn written(&self) -> usize {
-        self.len()
-    }
-    fn tail_mut(&mut self, from: usize) -> &mut [u8] {
-        &mut self[from..]
-    }
-}
+/// Where sealed records go: the data planes' output buffers (`Vec<u8>` on io_uring,
+/// `BytesMut` in the portable `SessionIo`). Appended to, then sealed in place.
+pub trait RecordOut: BufMut + AsMut<[u8]> {}
+impl<T: BufMut + AsMut<[u8]>> RecordOut for T {}
 
 /// One direction's key, IV and record sequence number.
 struct Keys {
@@ -239,20 +211,18 @@ impl Tls13Records {
             )));
         }
         let header = [CT_APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        out.put(&header);
-        let start = out.written();
-        out.put(chunk);
-        out.put(&[content_type]);
-        for _ in 0..padding {
-            out.put(&[0]);
-        }
+        out.put_slice(&header);
+        let start = out.as_mut().len();
+        out.put_slice(chunk);
+        out.put_u8(content_type);
+        out.put_bytes(0, padding);
         let nonce = self.tx.next_nonce();
         let tag = self
             .tx
             .key
-            .seal_in_place_separate_tag(nonce, aead::Aad::from(header), out.tail_mut(start))
+            .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut out.as_mut()[start..])
             .map_err(|_| io::Error::other("TLS: sealing a record failed"))?;
-        out.put(tag.as_ref());
+        out.put_slice(tag.as_ref());
         Ok(())
     }
 

@@ -111,12 +111,19 @@ impl RecordCursor {
 /// Largest plaintext read per call, so one busy session cannot starve the shard's other work.
 const READ_BUDGET: usize = 1024 * 1024;
 
-struct SockReader<'a>(&'a TcpStream, &'a mut ShortIo, &'a mut RecordCursor);
+/// The socket as rustls reads it. With a cursor (only while a record takeover may follow) no
+/// read passes a record boundary; without one, reads take what the buffer holds.
+struct SockReader<'a>(&'a TcpStream, &'a mut ShortIo, Option<&'a mut RecordCursor>);
 impl Read for SockReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.2.limit(self.1.cap(buf.len()));
+        let mut n = self.1.cap(buf.len());
+        if let Some(c) = self.2.as_deref() {
+            n = c.limit(n);
+        }
         let n = self.0.try_read(&mut buf[..n])?;
-        self.2.advance(&buf[..n]);
+        if let Some(c) = self.2.as_deref_mut() {
+            c.advance(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -315,11 +322,8 @@ impl SessionIo {
         let mut eof = false;
         let start = plain.len();
         while got < READ_BUDGET {
-            match tls.read_tls(&mut SockReader(
-                &self.sock,
-                &mut self.short,
-                &mut self.cursor,
-            )) {
+            let cursor = self.takeover.then_some(&mut self.cursor);
+            match tls.read_tls(&mut SockReader(&self.sock, &mut self.short, cursor)) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -471,11 +475,56 @@ impl SessionIo {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use rustls::pki_types::ServerName;
     use rustls::{ClientConnection, ServerConnection};
 
     use super::*;
     use crate::records::tests::{configs, SUITES};
+
+    /// A TLS session over loopback TCP: `server` runs on a spawned task with the server end
+    /// (handshake done); the client end, handshake done too, is returned with the task.
+    async fn tls_pair<F, Fut, T>(
+        takeover: bool,
+        server: F,
+    ) -> (SessionIo, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(SessionIo) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (sc, cc) = configs(SUITES[0]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let tls = TlsConn::from(ServerConnection::new(sc).unwrap());
+            let mut io = SessionIo::new(sock, Some(tls));
+            io.complete_tls_handshake(&mut BytesMut::new())
+                .await
+                .unwrap();
+            server(io).await
+        });
+        let sock = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("warren.test").unwrap();
+        let tls = TlsConn::from(ClientConnection::new(cc, name).unwrap());
+        let mut io = SessionIo::new(sock, Some(tls));
+        if takeover {
+            io.allow_record_takeover();
+        }
+        io.complete_tls_handshake(&mut BytesMut::new())
+            .await
+            .unwrap();
+        (io, task)
+    }
+
+    /// Reads until `plain` holds at least `n` bytes.
+    async fn read_at_least(io: &mut SessionIo, plain: &mut BytesMut, n: usize) {
+        while plain.len() < n {
+            assert_eq!(io.read_some(plain).await.unwrap(), ReadOutcome::Progress);
+        }
+    }
 
     /// The server writes its last handshake-phase message and the first record of the next
     /// owner in one write, as a server shard that sends frames right after the accept does.
@@ -483,41 +532,18 @@ mod tests {
     /// is opened by the records taken over at the hand-over, not lost inside rustls.
     #[tokio::test(flavor = "current_thread")]
     async fn a_record_pipelined_behind_the_last_handshake_message_survives_the_hand_over() {
-        let (sc, cc) = configs(SUITES[0]);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let tls = TlsConn::from(ServerConnection::new(sc).unwrap());
-            let mut io = SessionIo::new(sock, Some(tls));
-            let mut plain = BytesMut::new();
-            io.complete_tls_handshake(&mut plain).await.unwrap();
+        let (mut io, server) = tls_pair(true, |mut io| async move {
             // Two records in one write.
             io.queue(b"accept").unwrap();
             io.queue(b"first frame after the hand-over").unwrap();
             io.flush_all().await.unwrap();
-            // Wait for the client's answer, then close.
-            while plain.len() < 5 {
-                assert_eq!(
-                    io.read_some(&mut plain).await.unwrap(),
-                    ReadOutcome::Progress
-                );
-            }
+            let mut plain = BytesMut::new();
+            read_at_least(&mut io, &mut plain, 5).await;
             plain
-        });
-        let sock = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("warren.test").unwrap();
-        let tls = TlsConn::from(ClientConnection::new(cc, name).unwrap());
-        let mut io = SessionIo::new(sock, Some(tls));
-        io.allow_record_takeover();
+        })
+        .await;
         let mut plain = BytesMut::new();
-        io.complete_tls_handshake(&mut plain).await.unwrap();
-        while plain.len() < 6 {
-            assert_eq!(
-                io.read_some(&mut plain).await.unwrap(),
-                ReadOutcome::Progress
-            );
-        }
+        read_at_least(&mut io, &mut plain, 6).await;
         assert_eq!(
             &plain[..],
             b"accept",
@@ -527,14 +553,9 @@ mod tests {
         assert!(parts.tls.is_none() && parts.records.is_some());
         let (mut io, _) = SessionIo::from_parts(parts).unwrap();
         assert_eq!(io.tls_kind(), "own-records");
-        let mut plain = BytesMut::new();
         let want = b"first frame after the hand-over";
-        while plain.len() < want.len() {
-            assert_eq!(
-                io.read_some(&mut plain).await.unwrap(),
-                ReadOutcome::Progress
-            );
-        }
+        let mut plain = BytesMut::new();
+        read_at_least(&mut io, &mut plain, want.len()).await;
         assert_eq!(&plain[..], want);
         io.queue(b"hello").unwrap();
         io.flush_all().await.unwrap();
@@ -545,30 +566,12 @@ mod tests {
     /// record boundaries).
     #[tokio::test(flavor = "current_thread")]
     async fn without_the_takeover_rustls_keeps_the_records() {
-        let (sc, cc) = configs(SUITES[0]);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let tls = TlsConn::from(ServerConnection::new(sc).unwrap());
-            let mut io = SessionIo::new(sock, Some(tls));
-            let mut plain = BytesMut::new();
-            io.complete_tls_handshake(&mut plain).await.unwrap();
+        let (mut io, server) = tls_pair(false, |mut io| async move {
             io.queue(b"one").unwrap();
             io.flush_all().await.unwrap();
-        });
-        let sock = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("warren.test").unwrap();
-        let tls = TlsConn::from(ClientConnection::new(cc, name).unwrap());
-        let mut io = SessionIo::new(sock, Some(tls));
-        let mut plain = BytesMut::new();
-        io.complete_tls_handshake(&mut plain).await.unwrap();
-        while plain.len() < 3 {
-            assert_eq!(
-                io.read_some(&mut plain).await.unwrap(),
-                ReadOutcome::Progress
-            );
-        }
+        })
+        .await;
+        read_at_least(&mut io, &mut BytesMut::new(), 3).await;
         server.await.unwrap();
         let parts = io.into_parts(BytesMut::new()).unwrap();
         assert!(parts.tls.is_some() && parts.records.is_none());

@@ -700,43 +700,46 @@ impl SessionSlot {
     /// Appends what the core has to send to `out`: frames as they are (plain TCP) or as TLS
     /// records, with close_notify after the last frame of a clean end.
     fn produce(&mut self) {
-        if let Some(records) = self.records.as_mut() {
-            // Frames into `plain`, then sealed straight into `out` (one copy, in cache).
-            self.plain.clear();
-            self.core.poll_transmit(&mut self.plain, TRANSMIT_CHUNK);
-            let mut sealed = records.seal(&self.plain, &mut self.out);
-            let clean_end = self.ending.as_ref().is_some_and(|e| e.0.is_none());
-            if sealed.is_ok() && clean_end && !self.core.has_transmit() && !self.close_sealed {
-                self.close_sealed = true;
-                sealed = records.seal_close_notify(&mut self.out);
-            }
-            if let Err(e) = sealed {
-                self.core.handle_connection_lost(&e.to_string());
-            }
-            if self.plain.capacity() > 4 * TRANSMIT_CHUNK {
-                self.plain = Vec::new();
-            }
-            return;
-        }
-        let Some(tls) = self.tls.as_mut() else {
+        if self.tls.is_none() && self.records.is_none() {
             self.core.poll_transmit(&mut self.out, TRANSMIT_CHUNK);
             return;
-        };
+        }
+        // TLS: frames into `plain`, then into records in `out`.
         self.plain.clear();
         self.core.poll_transmit(&mut self.plain, TRANSMIT_CHUNK);
-        if !self.plain.is_empty() {
-            if let Err(e) = tls.writer().write_all(&self.plain) {
-                self.core.handle_connection_lost(&format!("TLS: {e}"));
-            }
-        }
         let clean_end = self.ending.as_ref().is_some_and(|e| e.0.is_none());
-        if clean_end && !self.core.has_transmit() {
-            tls.send_close_notify();
-        }
-        while tls.wants_write() {
-            if tls.write_tls(&mut self.out).is_err() {
-                break;
+        let close = clean_end && !self.core.has_transmit();
+        let sealed = if let Some(records) = self.records.as_mut() {
+            // Sealed straight into `out` (one copy, in cache).
+            records.seal(&self.plain, &mut self.out).and_then(|()| {
+                if close && !self.close_sealed {
+                    self.close_sealed = true;
+                    records.seal_close_notify(&mut self.out)?;
+                }
+                Ok(())
+            })
+        } else if let Some(tls) = self.tls.as_mut() {
+            let r = if self.plain.is_empty() {
+                Ok(())
+            } else {
+                tls.writer()
+                    .write_all(&self.plain)
+                    .map_err(|e| io::Error::other(format!("TLS: {e}")))
+            };
+            if close {
+                tls.send_close_notify();
             }
+            while tls.wants_write() {
+                if tls.write_tls(&mut self.out).is_err() {
+                    break;
+                }
+            }
+            r
+        } else {
+            Ok(())
+        };
+        if let Err(e) = sealed {
+            self.core.handle_connection_lost(&e.to_string());
         }
         if self.plain.capacity() > 4 * TRANSMIT_CHUNK {
             self.plain = Vec::new();
