@@ -374,6 +374,11 @@ async fn dial_service(
             return refuse(&handle, id, &service, &target, &why);
         }
     };
+    if shard.loopback_cc.name().is_some() {
+        if let Ok(peer) = sock.peer_addr() {
+            shard.loopback_cc.apply(&sock, peer);
+        }
+    }
     debug!(session = handle.id, %id, %service, ?visitor, "service connected");
     run_stream(shard, handle, id, sock, LocalEnd::Service).await;
 }

@@ -11,6 +11,7 @@
 //! a bounded lock-free queue). It builds on Linux and macOS; Linux-only calls sit behind `cfg`.
 
 pub mod clock;
+pub mod congestion;
 mod driver;
 pub mod listener;
 pub mod records;

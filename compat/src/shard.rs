@@ -273,6 +273,9 @@ pub struct ShardSetConfig {
     pub read_buffer: usize,
     /// Commands a shard's queue holds before senders are refused.
     pub queue_capacity: usize,
+    /// Congestion control for service sockets dialled to a loopback address
+    /// ([`crate::congestion`]).
+    pub loopback_cc: crate::congestion::LoopbackCc,
 }
 
 #[derive(Debug)]
@@ -326,6 +329,7 @@ impl Shards {
                 stats: stats[i].clone(),
                 board: board.clone(),
                 read_buffer: cfg.read_buffer.max(4096),
+                loopback_cc: cfg.loopback_cc.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("{}-shard-{i}", cfg.name))
@@ -427,6 +431,7 @@ struct ShardContext {
     stats: Arc<ShardStats>,
     board: Arc<RouteBoard>,
     read_buffer: usize,
+    loopback_cc: crate::congestion::LoopbackCc,
 }
 
 /// One shard's state, owned by its thread. `Rc`/`RefCell`, never shared.
@@ -435,6 +440,7 @@ pub(crate) struct Shard {
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) board: Arc<RouteBoard>,
     pub(crate) read_buffer: usize,
+    pub(crate) loopback_cc: crate::congestion::LoopbackCc,
     mailboxes: Arc<Vec<Mailbox>>,
     pub(crate) sessions: RefCell<Vec<Rc<driver::SessionHandle>>>,
     rr: Cell<usize>,
@@ -452,6 +458,7 @@ fn shard_main(ctx: ShardContext) -> io::Result<()> {
         stats: ctx.stats,
         board: ctx.board,
         read_buffer: ctx.read_buffer,
+        loopback_cc: ctx.loopback_cc,
         mailboxes: ctx.mailboxes,
         sessions: RefCell::new(Vec::new()),
         rr: Cell::new(0),

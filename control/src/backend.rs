@@ -241,6 +241,21 @@ impl DataPlane {
     }
 }
 
+/// The congestion control for loopback connections that `tuning` asks for, checked against
+/// this kernel. A refusal is one warning naming the key, and loopback connections keep the
+/// system default: a tuning the kernel cannot honour must not stop the tunnel.
+pub fn loopback_cc(tuning: &Tuning, role: &str) -> warren_compat::congestion::LoopbackCc {
+    match warren_compat::congestion::LoopbackCc::checked(&tuning.loopback_congestion_control) {
+        Ok(cc) => cc,
+        Err(e) => {
+            warn!(
+                "{role}.tuning.loopback_congestion_control: {e}; loopback connections keep the system default"
+            );
+            warren_compat::congestion::LoopbackCc::off()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,7 +263,7 @@ impl BenchResult {
                 c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
             })
         };
-        let rows: [(&str, String, String); 17] = [
+        let rows: [(&str, String, String); 18] = [
             (
                 "backend",
                 s.tuning.backend.to_string(),
@@ -340,6 +340,11 @@ impl BenchResult {
                 "tls_own_records",
                 s.tuning.tls_own_records.to_string(),
                 c.tuning.tls_own_records.to_string(),
+            ),
+            (
+                "loopback_congestion_control",
+                format!("{:?}", s.tuning.loopback_congestion_control),
+                format!("{:?}", c.tuning.loopback_congestion_control),
             ),
         ];
         for (name, a, b) in rows {
@@ -436,6 +441,7 @@ fn tuning_json(r: &RoleTuning) -> serde_json::Value {
         "busy_poll_other_cores": t.busy_poll_other_cores.as_str(),
         "busy_poll_sched_idle": t.busy_poll_sched_idle,
         "tls_own_records": t.tls_own_records,
+        "loopback_congestion_control": t.loopback_congestion_control,
     })
 }
 

@@ -42,6 +42,8 @@ struct Ctx {
     instance_id: u64,
     /// Sessions currently up, for `wait_connected` and logs.
     connected: watch::Sender<usize>,
+    /// Given to the session connections when the server is on this host.
+    loopback_cc: warren_compat::congestion::LoopbackCc,
 }
 
 impl Client {
@@ -55,6 +57,7 @@ impl Client {
             }
         };
         let shard_count = cfg.tuning.shard_count(allowed_cpus());
+        let loopback_cc = crate::backend::loopback_cc(&cfg.tuning, "client");
         let shards = Arc::new(DataPlane::start(
             &cfg.tuning,
             ShardSetConfig {
@@ -63,6 +66,7 @@ impl Client {
                 name: "client",
                 read_buffer: cfg.tuning.read_buffer_bytes as usize,
                 queue_capacity: 1024,
+                loopback_cc: loopback_cc.clone(),
             },
             Arc::new(RouteBoard::new([], shard_count)),
         )?);
@@ -97,6 +101,7 @@ impl Client {
             services,
             instance_id: random_u64(),
             connected: connected_tx,
+            loopback_cc,
         });
         let slots = tokio::spawn(run_slots(ctx, stop_rx));
         Ok(Client {
@@ -385,6 +390,7 @@ async fn connect(ctx: &Ctx, index: u16) -> anyhow::Result<Connected> {
     })?
     .context("TCP connect failed (server side)")?;
     let peer = sock.peer_addr()?;
+    ctx.loopback_cc.apply(&sock, peer);
     let tls = match &ctx.tls {
         Some(t) => Some(rustls::Connection::from(
             rustls::ClientConnection::new(t.config.clone(), t.server_name.clone())

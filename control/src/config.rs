@@ -434,6 +434,11 @@ pub struct Tuning {
     /// of rustls (default true). Each end decides for itself; `false` keeps rustls for the
     /// whole session.
     pub tls_own_records: bool,
+    /// `loopback_congestion_control`: TCP congestion control for the sockets warren owns whose
+    /// peer is a loopback address (a service on this host, a session or visitor from it); every
+    /// other socket keeps the system default (default `"cubic"`, which does not pace; `""`
+    /// keeps the system default everywhere). See `warren_compat::congestion` for why.
+    pub loopback_congestion_control: String,
 }
 
 impl Default for Tuning {
@@ -456,6 +461,7 @@ impl Default for Tuning {
             busy_poll_other_cores: KeepAwake::Auto,
             busy_poll_sched_idle: true,
             tls_own_records: true,
+            loopback_congestion_control: "cubic".to_string(),
         }
     }
 }
@@ -505,6 +511,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "server.tuning.busy_poll_other_cores",
         "server.tuning.busy_poll_sched_idle",
         "server.tuning.tls_own_records",
+        "server.tuning.loopback_congestion_control",
         "client.server_addr",
         "client.name",
         "client.token",
@@ -538,6 +545,7 @@ pub fn known_keys() -> &'static [&'static str] {
         "client.tuning.busy_poll_other_cores",
         "client.tuning.busy_poll_sched_idle",
         "client.tuning.tls_own_records",
+        "client.tuning.loopback_congestion_control",
     ]
 }
 
@@ -1503,6 +1511,12 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
     let busy_poll_other_cores = t.optional_keep_awake("busy_poll_other_cores");
     let busy_poll_sched_idle = t.optional_bool("busy_poll_sched_idle");
     let tls_own_records = t.optional_bool("tls_own_records");
+    let loopback_cc = t.optional_parsed("loopback_congestion_control", |s| {
+        match warren_compat::congestion::invalid_name(s) {
+            Some(why) => Err(why),
+            None => Ok(s.to_string()),
+        }
+    });
 
     if let Some(initial) = initial {
         for (key, value) in [
@@ -1584,6 +1598,7 @@ fn read_tuning(r: &mut TableReader<'_, '_>) -> Option<Tuning> {
             .unwrap_or(d.busy_poll_other_cores),
         busy_poll_sched_idle: busy_poll_sched_idle.ok()?.unwrap_or(d.busy_poll_sched_idle),
         tls_own_records: tls_own_records.ok()?.unwrap_or(d.tls_own_records),
+        loopback_congestion_control: loopback_cc.ok()?.unwrap_or(d.loopback_congestion_control),
     })
 }
 
@@ -2035,7 +2050,7 @@ local_addr = "127.0.0.1:22"
             "[server.tuning]\ncores = [2, 3]\ninitial_stream_window_bytes = 1024\nmax_stream_window_bytes = 2048\n\
              session_window_bytes = 1048576\nmax_frame_payload_bytes = 16384\nquantum_bytes = 8192\n\
              read_buffer_bytes = 4096\nmax_streams_per_session = 8\nbackend = \"compat\"\nbuffer_count = 128\n\
-             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\nbusy_poll_sched_idle = false\ntls_own_records = false\n[server.clients.laptop]",
+             pipe_size_bytes = 65536\npipe_pool_size = 0\nbusy_poll_us = 0\nbusy_poll_other_cores = false\nbusy_poll_sched_idle = false\ntls_own_records = false\nloopback_congestion_control = \"\"\n[server.clients.laptop]",
         );
         let tuning = parse_config(&text).unwrap().server.unwrap().tuning;
         assert_eq!(
@@ -2058,6 +2073,7 @@ local_addr = "127.0.0.1:22"
                 busy_poll_other_cores: KeepAwake::Off,
                 busy_poll_sched_idle: false,
                 tls_own_records: false,
+                loopback_congestion_control: String::new(),
             }
         );
         assert_eq!(tuning.shard_count(64), 2);
@@ -2095,7 +2111,7 @@ local_addr = "127.0.0.1:22"
         };
         let errors = errors_of(&tuned(
             "client",
-            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_other_cores = 1\nbusy_poll_sched_idle = \"yes\"",
+            "backend = \"io_uring\"\nbuffer_count = 32\npipe_size_bytes = 33554432\npipe_pool_size = 65537\nbusy_poll_us = 10001\nbusy_poll_other_cores = 1\nbusy_poll_sched_idle = \"yes\"\nloopback_congestion_control = \"BBR 2\"",
         ));
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -2108,6 +2124,7 @@ local_addr = "127.0.0.1:22"
                 "client.tuning.busy_poll_us: 10001 is out of range (expected 0 to 10000)",
                 "client.tuning.busy_poll_other_cores: expected true, false or \"auto\", found an integer",
                 "client.tuning.busy_poll_sched_idle: expected a boolean, found a string",
+                "client.tuning.loopback_congestion_control: \"BBR 2\" is not an algorithm name (lowercase letters, digits, '_' and '-')",
             ]
         );
         assert_eq!(

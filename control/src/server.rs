@@ -42,12 +42,15 @@ struct Acceptor {
     tokens: HashMap<String, Token>,
     shards: Arc<DataPlane>,
     next_session_id: AtomicU64,
+    /// Given to session connections from this host (`tuning.loopback_congestion_control`).
+    loopback_cc: warren_compat::congestion::LoopbackCc,
 }
 
 impl Server {
     /// Binds every port, starts the shards, and starts accepting sessions.
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         let shard_count = cfg.tuning.shard_count(allowed_cpus());
+        let loopback_cc = crate::backend::loopback_cc(&cfg.tuning, "server");
         let tls = match cfg.transport {
             Transport::Tls => {
                 let t = crate::tls::server_tls(&cfg).context("setting up TLS")?;
@@ -84,6 +87,7 @@ impl Server {
                 name: "server",
                 read_buffer: cfg.tuning.read_buffer_bytes as usize,
                 queue_capacity: 4096,
+                loopback_cc: loopback_cc.clone(),
             },
             board,
         )?);
@@ -101,6 +105,9 @@ impl Server {
                     })?;
             let addr = listeners[0].local_addr()?;
             for (i, l) in listeners.into_iter().enumerate() {
+                // A listener on a loopback address only ever accepts connections from this
+                // host; what it accepts inherits the algorithm (no syscall per visitor).
+                loopback_cc.apply(&l, addr);
                 let cmd = ShardCommand::Listener {
                     service: Arc::from(name.as_str()),
                     listener: l,
@@ -125,6 +132,7 @@ impl Server {
             tokens,
             shards: shards.clone(),
             next_session_id: AtomicU64::new(1),
+            loopback_cc,
             cfg,
         });
         info!(addr = %session_addr, shards = shard_count, %backend, "accepting client sessions");
@@ -203,6 +211,7 @@ async fn accept_sessions(listener: TcpListener, acceptor: Arc<Acceptor>) {
     loop {
         match listener.accept().await {
             Ok((sock, peer)) => {
+                acceptor.loopback_cc.apply(&sock, peer);
                 let Ok(permit) = pending.clone().try_acquire_owned() else {
                     warn!(%peer, "session refused: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
                     drop(sock);

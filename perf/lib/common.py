@@ -41,6 +41,25 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def tcp_congestion_control():
+    """The system's default TCP congestion control (every socket that does not choose its own).
+    It moves loopback results a lot: BBR paces each send (internally, with an hrtimer, when `lo`
+    has no fq qdisc), see perf/results/2026-12-07-loopback-cc/."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def set_tcp_congestion_control(name):
+    """Sets the system default (root); returns the previous one, for the caller to restore."""
+    before = tcp_congestion_control()
+    with open("/proc/sys/net/ipv4/tcp_congestion_control", "w") as f:
+        f.write(name)
+    return before
+
+
 def stamp():
     commit, dirty = git_commit()
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -53,6 +72,7 @@ def stamp():
         "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "day": now.strftime("%Y-%m-%d"),
         "rustc": sh(["rustc", "--version"]).stdout.strip(),
+        "tcp_cc": tcp_congestion_control(),
     }
 
 

@@ -133,7 +133,7 @@ def stamp_md(result):
     st = result["stamp"]
     return (f"commit `{st['commit']}`{' (dirty worktree)' if st.get('dirty_worktree') else ''} · "
             f"kernel {st['kernel']} · {st['cpu_model']} · {st['cores']} cores · {st['date']} · "
-            f"{st.get('rustc', '')}")
+            f"{st.get('rustc', '')}" + (f" · TCP congestion control {st['tcp_cc']}" if st.get("tcp_cc") else ""))
 
 
 def markdown(result, headline_only=False):

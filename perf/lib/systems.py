@@ -169,6 +169,8 @@ class Warren(System):
         "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
                       ["busy_poll_sched_idle = false"]),
         "rustls": ("records by rustls", ["tls_own_records = false"], ["tls_own_records = false"]),
+        "syscc": ("loopback sockets keep the system congestion control",
+                  ['loopback_congestion_control = ""'], ['loopback_congestion_control = ""']),
     }
 
     def __init__(self, ctx, transport, backend="uring", binary="warren", variant=None):
@@ -463,5 +465,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="awake"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
-            Warren(ctx, "tls", variant="rustls"),
+            Warren(ctx, "tls", variant="rustls"), Warren(ctx, "tcp", variant="syscc"),
             RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

@@ -24,6 +24,7 @@ use crossbeam_queue::ArrayQueue;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
 use tracing::{debug, info, warn};
+use warren_compat::congestion::LoopbackCc;
 use warren_compat::records::Tls13Records;
 use warren_compat::{
     LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
@@ -2604,7 +2605,7 @@ impl Shard {
                 return;
             }
         };
-        let sock = match service_socket(addr) {
+        let sock = match service_socket(addr, &self.cfg.shards.loopback_cc) {
             Ok(s) => s,
             Err(e) => {
                 warn!(session = sid, %id, %service, "cannot create a socket for the service: {e}");
@@ -2673,7 +2674,7 @@ impl Shard {
         let Some(addr) = st.dial_rest.pop() else {
             return;
         };
-        match service_socket(addr) {
+        match service_socket(addr, &self.cfg.shards.loopback_cc) {
             Ok(sock) => {
                 let _ = sock.set_nodelay(true);
                 // The old socket has nothing in flight: dropping it closes it.
@@ -3733,13 +3734,15 @@ fn service_addr(
     }
 }
 
-/// A non-blocking socket of `addr`'s family, for a service dial.
-fn service_socket(addr: SocketAddr) -> io::Result<TcpStream> {
+/// A non-blocking socket of `addr`'s family, for a service dial; a loopback `addr` gets the
+/// loopback congestion control before it connects (`warren_compat::congestion`).
+fn service_socket(addr: SocketAddr, cc: &LoopbackCc) -> io::Result<TcpStream> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking().cloexec(),
         None,
     )?;
+    cc.apply(&sock, addr);
     Ok(sock.into())
 }
 
