@@ -142,6 +142,95 @@ on_both_backends! {
     small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact
         => small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact_compat,
            small_and_large_writes_behind_a_slow_visitor_arrive_byte_exact_uring;
+    loopback_connections_get_the_configured_congestion_control_and_others_keep_theirs
+        => loopback_connections_get_the_configured_congestion_control_and_others_keep_theirs_compat,
+           loopback_connections_get_the_configured_congestion_control_and_others_keep_theirs_uring;
+}
+
+/// Every TCP socket of this process: (local, peer, congestion control). The server and the
+/// client run in the test process, so this sees their sockets next to the test's own.
+fn tcp_sockets_of_this_process() -> Vec<(SocketAddr, Option<SocketAddr>, String)> {
+    warren_dataplane::diag::tcp_sockets_of_this_process()
+        .into_iter()
+        .map(|s| (s.local, s.peer, s.congestion))
+        .collect()
+}
+
+async fn loopback_connections_get_the_configured_congestion_control_and_others_keep_theirs(
+    backend: Backend,
+) {
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_string();
+    // reno is built into every kernel and always allowed; if it is the default, cubic.
+    let algo = if default == "reno" { "cubic" } else { "reno" };
+    let echo = echo_service().await;
+    for configured in [algo, ""] {
+        let inner = warren::loopback::Pair::start(PairSpec {
+            services: &[("echo", echo)],
+            shards: 2,
+            sessions: Some(2),
+            tuning: &format!("loopback_congestion_control = \"{configured}\""),
+            backend,
+            ..PairSpec::default()
+        })
+        .await
+        .unwrap();
+        let public = inner.public("echo");
+        let session = inner.server.session_addr;
+        // One visitor held open after a round trip, so its stream's sockets exist.
+        let mut visitor = TcpStream::connect(public).await.unwrap();
+        let mut trips = 0;
+        round_trip_within_10s(&mut visitor, &mut trips).await;
+        let want = if configured.is_empty() {
+            default.as_str()
+        } else {
+            configured
+        };
+        let socks = tcp_sockets_of_this_process();
+        let of = |what: &str, pick: &dyn Fn(&(SocketAddr, Option<SocketAddr>, String)) -> bool| {
+            let found: Vec<&String> = socks.iter().filter(|s| pick(s)).map(|s| &s.2).collect();
+            assert!(!found.is_empty(), "{what}: no socket found among {socks:?}");
+            found
+        };
+        // warren's: the public listeners and the visitor they accepted, both ends of every
+        // session, the socket dialled to the service.
+        for cc in of("public port", &|s| s.0 == public) {
+            assert_eq!(
+                cc, want,
+                "a socket on the public port {public} ({backend:?})"
+            );
+        }
+        // (The session listener keeps the system default: the server sets the algorithm on
+        // each accepted session whose peer is local.)
+        let session_ends = of("session", &|s| {
+            s.1.is_some() && (s.0 == session || s.1 == Some(session))
+        });
+        assert_eq!(
+            session_ends.len(),
+            2 * 2,
+            "two sessions, two ends each: {session_ends:?}"
+        );
+        for cc in session_ends {
+            assert_eq!(cc, want, "a session socket ({backend:?})");
+        }
+        for cc in of("service dial", &|s| s.1 == Some(echo)) {
+            assert_eq!(cc, want, "the socket dialled to the service ({backend:?})");
+        }
+        // The test's own: the visitor's program and the service keep the system default.
+        let mine = visitor.local_addr().unwrap();
+        for cc in of("visitor program", &|s| s.0 == mine) {
+            assert_eq!(cc, &default, "the visitor's own socket ({backend:?})");
+        }
+        for cc in of("service's accepted socket", &|s| {
+            s.0 == echo && s.1.is_some()
+        }) {
+            assert_eq!(cc, &default, "the service's own socket ({backend:?})");
+        }
+        drop(visitor);
+        inner.shutdown().await;
+    }
 }
 
 /// A service that answers every connection with `MIXED_TOTAL` pattern bytes written as small

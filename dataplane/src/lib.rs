@@ -9,6 +9,8 @@
 //! the same way. Off Linux it builds to [`probe`] returning [`Unavailable::NotLinux`].
 #![allow(unsafe_code)]
 
+#[cfg(target_os = "linux")]
+pub mod diag;
 mod probe;
 #[cfg(target_os = "linux")]
 mod uring;
