@@ -147,9 +147,12 @@ on_both_backends! {
            loopback_connections_get_the_configured_congestion_control_and_others_keep_theirs_uring;
 }
 
-/// Every TCP socket of this process: (local, peer, congestion control). The server and the
+/// A TCP socket: (local, peer, congestion control).
+type Sock = (SocketAddr, Option<SocketAddr>, String);
+
+/// Every TCP socket of this process. The server and the
 /// client run in the test process, so this sees their sockets next to the test's own.
-fn tcp_sockets_of_this_process() -> Vec<(SocketAddr, Option<SocketAddr>, String)> {
+fn tcp_sockets_of_this_process() -> Vec<Sock> {
     warren_dataplane::diag::tcp_sockets_of_this_process()
         .into_iter()
         .map(|s| (s.local, s.peer, s.congestion))
@@ -189,7 +192,7 @@ async fn loopback_connections_get_the_configured_congestion_control_and_others_k
             configured
         };
         let socks = tcp_sockets_of_this_process();
-        let of = |what: &str, pick: &dyn Fn(&(SocketAddr, Option<SocketAddr>, String)) -> bool| {
+        let of = |what: &str, pick: &dyn Fn(&Sock) -> bool| {
             let found: Vec<&String> = socks.iter().filter(|s| pick(s)).map(|s| &s.2).collect();
             assert!(!found.is_empty(), "{what}: no socket found among {socks:?}");
             found
