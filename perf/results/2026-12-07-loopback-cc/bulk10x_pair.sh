@@ -4,7 +4,7 @@
 # REPS times (default 3), printing MB/s, tunnel CPU s/GB (utime+stime of both processes, from
 # /proc/PID/stat in USER_HZ = 100 ticks) and context switches per GB (all threads of both).
 set -e
-W=/work/main/target/release
+W=${WARREN_BIN_DIR:-/work/main/target/release}
 L=$1; shift
 EXTRA="$*"
 D=/tmp/exp/$L; rm -rf $D; mkdir -p $D
