@@ -375,7 +375,12 @@ async fn dial_service(
         }
     };
     if shard.loopback_cc.name().is_some() {
-        if let Ok(peer) = sock.peer_addr() {
+        // An IP address is the peer as written; a host name asks the socket which one it got.
+        let peer = target
+            .addr
+            .parse::<SocketAddr>()
+            .or_else(|_| sock.peer_addr());
+        if let Ok(peer) = peer {
             shard.loopback_cc.apply(&sock, peer);
         }
     }
