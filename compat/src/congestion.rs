@@ -3,8 +3,9 @@
 //! Why: a loopback connection has no bottleneck link, so pacing its sends only costs CPU. BBR
 //! (a common system default, `net.ipv4.tcp_congestion_control = bbr`) paces every send; with no
 //! `fq` qdisc on `lo` (the default is `noqueue`) the kernel paces internally, one hrtimer per
-//! socket, and each paced skb goes out later from a timer softirq. On the AMD perf host that
-//! tripled warren's CPU per GB on bulk traffic (`perf/results/2026-12-07-loopback-cc/`). So
+//! socket, and each paced skb goes out later from a timer softirq. On the AMD perf host, with
+//! the load generator not pacing, BBR on warren's own loopback sockets more than doubled its
+//! CPU per GB on bulk traffic (`perf/results/2026-12-07-loopback-cc/`). So
 //! warren gives the sockets it owns whose peer is a loopback address (a service on the client's
 //! host, a session or visitor from the same host) the algorithm of
 //! `tuning.loopback_congestion_control` (default `cubic`, which does not pace), and leaves every
@@ -73,7 +74,8 @@ impl LoopbackCc {
         let Some(name) = self.0.as_deref() else {
             return false;
         };
-        if !peer.ip().is_loopback() {
+        // A dual-stack listener reports an IPv4 peer as `::ffff:127.0.0.1`.
+        if !peer.ip().to_canonical().is_loopback() {
             return false;
         }
         set(sock, name)
@@ -141,12 +143,14 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn loopback_sockets_get_the_algorithm_and_others_keep_the_default() {
-        // reno is built into every Linux kernel and always allowed.
-        let cc = LoopbackCc::checked("reno").unwrap();
         let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
             .unwrap()
             .trim()
             .to_string();
+        // reno is built into every Linux kernel and always allowed; if it is the default, cubic
+        // (so "kept the default" and "got the algorithm" differ).
+        let want = if default == "reno" { "cubic" } else { "reno" };
+        let cc = LoopbackCc::checked(want).unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let algo = |s: &std::net::TcpStream| {
@@ -156,7 +160,11 @@ mod tests {
                 .to_string()
         };
         assert!(cc.apply(&s, s.peer_addr().unwrap()));
-        assert_eq!(algo(&s), "reno");
+        assert_eq!(algo(&s), want);
+        // An IPv4 peer as a dual-stack listener reports it counts as loopback too.
+        let m = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(cc.apply(&m, "[::ffff:127.0.0.1]:80".parse().unwrap()));
+        assert_eq!(algo(&m), want);
         // A peer that is not a loopback address keeps the system default.
         let t = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         assert!(!cc.apply(&t, "192.0.2.1:80".parse().unwrap()));
@@ -169,6 +177,6 @@ mod tests {
         assert!(cc.apply(&l2, l2.local_addr().unwrap()));
         let _c = std::net::TcpStream::connect(l2.local_addr().unwrap()).unwrap();
         let (a, _) = l2.accept().unwrap();
-        assert_eq!(algo(&a), "reno");
+        assert_eq!(algo(&a), want);
     }
 }
