@@ -381,6 +381,8 @@ pub struct Tuning {
     /// the shards are pinned to the allowed CPUs in order.
     pub cores: Option<Vec<usize>>,
     /// `initial_stream_window_bytes`: receive credit granted to a new stream (1 KiB to 16 MiB).
+    /// Default 1 MiB, the splice pipe's default capacity: a stream's sender is granted credit
+    /// again after half a window, so the window sets how much moves per wake-up of each end.
     pub initial_stream_window_bytes: u32,
     /// `max_stream_window_bytes`: cap for the RTT-based window auto-tuning (at least the
     /// initial window, at most 256 MiB).
@@ -446,7 +448,7 @@ impl Default for Tuning {
         Tuning {
             shards: None,
             cores: None,
-            initial_stream_window_bytes: 256 * KIB,
+            initial_stream_window_bytes: MIB,
             max_stream_window_bytes: 16 * MIB,
             session_window_bytes: 64 * MIB,
             max_frame_payload_bytes: MIB,

@@ -156,7 +156,8 @@ class Warren(System):
     # busy_poll_us = 100 / 200. "otherpoll": busy_poll_sched_idle = false (busy polls run as
     # SCHED_OTHER, so threads the shard wakes are placed on other cores). "rustls":
     # tls_own_records = false (rustls seals and opens every record, as before warren's own
-    # record layer; TLS systems only).
+    # record layer; TLS systems only). "win256k": the initial stream window of 256 KiB that was
+    # the default until 2026-12-07 (1 MiB since).
     VARIANTS = {
         "spread": ("client cores reversed", [], ["cores = @REVERSED@"]),
         "nopoll": ("busy_poll_us = 0", ["busy_poll_us = 0"], ["busy_poll_us = 0"]),
@@ -169,6 +170,8 @@ class Warren(System):
         "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
                       ["busy_poll_sched_idle = false"]),
         "rustls": ("records by rustls", ["tls_own_records = false"], ["tls_own_records = false"]),
+        "win256k": ("initial_stream_window_bytes = 256 KiB, the default before 2026-12-07",
+                    ["initial_stream_window_bytes = 262144"], ["initial_stream_window_bytes = 262144"]),
         "syscc": ("loopback sockets keep the system congestion control",
                   ['loopback_congestion_control = ""'], ['loopback_congestion_control = ""']),
     }
@@ -382,6 +385,38 @@ class RelayFloorAwake(RelayFloor):
         return [p.pid for p in self.procs if not p.name.endswith("-awake-spin")]
 
 
+class SpliceFloor(System):
+    """Two `conn_relay --splice` processes in a chain on each public port: public port -> relay A ->
+    an internal port -> relay B -> backend. Each relay moves bytes with non-blocking splice(2)
+    through a pipe per direction (1 MiB, as warren's default `pipe_size_bytes`) and has one epoll
+    loop per allowed CPU (SO_REUSEPORT). Two processes and two splice hops, as a plain-TCP warren
+    (server and client), with nothing else: no framing, no session (one upstream connection per
+    visitor), no flow control beyond TCP's. The least any two-process plaintext tunnel spends per
+    byte: a floor for bulk throughput and CPU per GB, not a tunnel."""
+    name = "splice-floor"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.threads = len(os.sched_getaffinity(0))
+        self.label = (f"2 x conn_relay --splice in a chain ({self.threads} epoll loops each; "
+                      "two processes, two splice hops, no session; a floor, not a tunnel)")
+
+    def available(self):
+        b = self.ctx.get("conn_relay")
+        return None if b and os.path.exists(b) else "conn_relay not built (cargo build --release -p warren-perf)"
+
+    def _start(self, base_port):
+        from common import wait_port
+        for i, k in enumerate(BACKENDS):
+            inner = base_port + 4 + i  # [4..6] of the block: the hop between the two relays
+            for name, listen, to in ((f"{self.name}-{k}-b", inner, self.ctx["backends"][k]),
+                                     (f"{self.name}-{k}-a", self.public[k], inner)):
+                self.procs.append(Proc(name, [self.ctx["conn_relay"], "--splice",
+                                              "--listen", f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{to}",
+                                              "--threads", str(self.threads)], self.dir))
+                wait_port("127.0.0.1", listen, 15)
+
+
 class MuxFloor(System):
     """`mux_relay` (perf/src/bin/mux_relay.rs) on each public port: a server process that starts its
     own client process, the two joined by one session that carries every visitor as a stream
@@ -466,4 +501,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
             Warren(ctx, "tls", variant="rustls"), Warren(ctx, "tcp", variant="syscc"),
-            RelayFloor(ctx), RelayFloorAwake(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]
+            Warren(ctx, "tcp", variant="win256k"),
+            RelayFloor(ctx), RelayFloorAwake(ctx), SpliceFloor(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

@@ -29,6 +29,15 @@
 //! around when there are more loops than CPUs). `--threads 1`, the default, is the relay
 //! described above exactly: one listener, no SO_REUSEPORT, no other thread.
 //!
+//! Splice: `--splice` moves each direction's bytes through a pipe of its own (`pipe2`, sized with
+//! `F_SETPIPE_SZ` to `--pipe-bytes`) with non-blocking `splice(2)` (socket -> pipe, pipe ->
+//! socket) instead of `recv`/`send` through the buffer: no byte is copied to user space, as on
+//! warren's plain-TCP splice path. The pipe is emptied into the destination before the source is
+//! read again, and the source is read until `EAGAIN` (a short splice may mean a pipe full by
+//! slots rather than an empty socket, so the short-read rule is not used). Two such relays in a
+//! chain (perf/compare's `splice-floor`) are the least a two-process plaintext tunnel does per
+//! byte: two splice hops, no framing, no session, no flow control of its own.
+//!
 //! Why epoll and not io_uring: what is left is the kernel's TCP work (handshakes, FINs, loopback
 //! delivery, socket setup and teardown), which is the same either way; io_uring would only batch
 //! the syscall entries, and each of its socket ops that finds the socket not ready is parked on
@@ -127,6 +136,13 @@ mod linux {
         /// Pin loop i to the i-th CPU this process may run on (wrapping around).
         #[arg(long)]
         pin: bool,
+        /// Move payloads with splice(2) through a pipe per direction instead of recv/send.
+        #[arg(long)]
+        splice: bool,
+        /// Capacity asked of each splice pipe (F_SETPIPE_SZ; the kernel caps it at
+        /// fs.pipe-max-size without CAP_SYS_RESOURCE).
+        #[arg(long, default_value_t = 1 << 20)]
+        pipe_bytes: usize,
     }
 
     pub fn main() -> ExitCode {
@@ -141,6 +157,10 @@ mod linux {
 
     fn run(cli: &Cli) -> Result<()> {
         ensure!(cli.threads >= 1, "--threads must be at least 1");
+        ensure!(
+            (4096..=1 << 30).contains(&cli.pipe_bytes),
+            "--pipe-bytes must be between 4096 and 2^30"
+        );
         // First, while this is the only thread: every thread started later inherits the blocked
         // signals, so they only ever arrive through the signalfd.
         let sig = signal_fd().context("signalfd")?;
@@ -209,9 +229,15 @@ mod linux {
             String::new()
         };
         eprintln!(
-            "conn_relay: relaying {addr} -> {} (epoll, edge-triggered, {} thread(s){pinned}); \
+            "conn_relay: relaying {addr} -> {} (epoll, edge-triggered, {} thread(s){pinned}, {}); \
              SIGUSR1 prints a report, SIGTERM/SIGINT a final one and exit",
-            cli.to, cli.threads
+            cli.to,
+            cli.threads,
+            if cli.splice {
+                format!("splice through {}-byte pipes", cli.pipe_bytes)
+            } else {
+                "recv/send".to_string()
+            }
         );
         shared.report("ready");
         serve(&mut first, Some(sig.as_raw_fd()))
@@ -257,6 +283,10 @@ mod linux {
         eof: bool,
         /// The EOF has been passed on (shutdown(SHUT_WR) of the destination).
         shut: bool,
+        /// With `--splice`: this direction's pipe (read end, write end; -1 without) and the
+        /// bytes in it.
+        pipe: [RawFd; 2],
+        piped: usize,
     }
 
     /// A slab entry: one visitor and its upstream connection.
@@ -369,6 +399,8 @@ mod linux {
         family: libc::c_int,
         upstream_nodelay: bool,
         report_every: u64,
+        /// `--splice`: the pipe capacity asked for; None moves bytes with recv/send.
+        splice: Option<usize>,
         slab: Vec<Conn>,
         free: Vec<u32>,
         /// This loop's index in `shared.loops` (and in messages).
@@ -400,6 +432,7 @@ mod linux {
                 family,
                 upstream_nodelay: cli.upstream_nodelay,
                 report_every: cli.report_every,
+                splice: cli.splice.then_some(cli.pipe_bytes),
                 slab: Vec::new(),
                 free: Vec::new(),
                 me,
@@ -490,6 +523,17 @@ mod linux {
             if open > get(&stats.max_open) {
                 stats.max_open.store(open, Ordering::Relaxed);
             }
+            if let Some(size) = self.splice {
+                for side in [VISITOR, UPSTREAM] {
+                    match new_pipe(size) {
+                        Ok(p) => self.slab[slot].dir[side].pipe = p,
+                        Err(e) => {
+                            self.release(slot);
+                            return Err(fail("pipe", side)(e));
+                        }
+                    }
+                }
+            }
             for side in [VISITOR, UPSTREAM] {
                 if let Err(e) = ep_add(self.ep, fds[side], ET, token(slot, gen, side)) {
                     self.release(slot);
@@ -573,6 +617,12 @@ mod linux {
                 close(fd);
             }
             c.fd = [-1, -1];
+            for d in &mut c.dir {
+                for fd in d.pipe {
+                    close(fd);
+                }
+                (d.pipe, d.piped) = ([-1, -1], 0);
+            }
             let open_slot = c.gen != 0;
             c.gen = c.gen.wrapping_add(1).max(1);
             self.free.push(slot as u32);
@@ -627,6 +677,8 @@ mod linux {
                 end: 0,
                 eof: false,
                 shut: false,
+                pipe: [-1, -1],
+                piped: 0,
             };
             Conn {
                 gen: 0,
@@ -654,6 +706,9 @@ mod linux {
         /// EOF on. `Done` when both directions have ended (the caller closes both fds, and that
         /// close sends the last FIN).
         fn pump(&mut self, src: usize) -> Result<Step, Fail> {
+            if self.dir[src].pipe[0] >= 0 {
+                return self.pump_splice(src);
+            }
             let dst = 1 - src;
             let other_done = self.dir[dst].shut;
             let d = &mut self.dir[src];
@@ -711,6 +766,74 @@ mod linux {
                 }
             }
         }
+    }
+
+    impl Conn {
+        /// `pump` with `--splice`: side `src` -> its pipe -> the other side, the pipe emptied
+        /// before the source is read again; the source is read until `EAGAIN`.
+        fn pump_splice(&mut self, src: usize) -> Result<Step, Fail> {
+            let dst = 1 - src;
+            let other_done = self.dir[dst].shut;
+            let d = &mut self.dir[src];
+            let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+            loop {
+                if d.piped > 0 {
+                    if !self.wr[dst] {
+                        return Ok(Step::Open);
+                    }
+                    match splice(d.pipe[0], self.fd[dst], d.piped, flags) {
+                        Ok(n) => d.piped -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wr[dst] = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(fail("splice to", dst)(e)),
+                    }
+                    continue;
+                }
+                if d.eof {
+                    if d.shut {
+                        return Ok(Step::Open);
+                    }
+                    d.shut = true;
+                    if other_done {
+                        return Ok(Step::Done);
+                    }
+                    // SAFETY: shutdown on an fd this connection owns.
+                    let r = unsafe { libc::shutdown(self.fd[dst], libc::SHUT_WR) };
+                    cvt(r as isize).map_err(fail("shutdown", dst))?;
+                    return Ok(Step::Open);
+                }
+                if !self.rd[src] {
+                    return Ok(Step::Open);
+                }
+                // The pipe is empty here, so EAGAIN means the socket is.
+                match splice(self.fd[src], d.pipe[1], 1 << 30, flags) {
+                    Ok(0) => d.eof = true,
+                    Ok(n) => d.piped = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.rd[src] = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(fail("splice from", src)(e)),
+                }
+            }
+        }
+    }
+
+    /// Non-blocking splice(2) of up to `len` bytes between two fds (one of them a pipe).
+    fn splice(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result<usize> {
+        let null = std::ptr::null_mut();
+        // SAFETY: both fds belong to the connection; null offsets (streams), no memory passed.
+        cvt(unsafe { libc::splice(from, null, to, null, len, flags) })
+    }
+
+    /// A non-blocking pipe (read end, write end) with `size` bytes of capacity asked for.
+    fn new_pipe(size: usize) -> io::Result<[RawFd; 2]> {
+        let mut p = [-1 as libc::c_int; 2];
+        // SAFETY: p is a valid out-parameter of two c_ints.
+        cvt(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as isize)?;
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on the pipe just created. A refusal (above fs.pipe-max-size without
+        // CAP_SYS_RESOURCE) leaves the default capacity: still a working pipe.
+        unsafe { libc::fcntl(p[1], libc::F_SETPIPE_SZ, size) };
+        Ok(p)
     }
 
     /// Stdout carries only the JSON reports; messages go to stderr.
