@@ -501,5 +501,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
             Warren(ctx, "tls", variant="rustls"), Warren(ctx, "tcp", variant="syscc"),
-            Warren(ctx, "tcp", variant="win256k"),
+            Warren(ctx, "tcp", variant="win256k"), Warren(ctx, "tls", variant="win256k"),
             RelayFloor(ctx), RelayFloorAwake(ctx), SpliceFloor(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

@@ -1,0 +1,172 @@
+//! `conn_relay` end to end (Linux only): two relays in a chain (as perf/compare's `splice-floor`
+//! with `--splice`, and without it) in front of in-process backends, the load tool's workloads
+//! through them (every byte checked by the receiver, both directions of bulk), and the relays'
+//! final reports. Tiny sizes; they assert correctness, never speed.
+#![cfg(target_os = "linux")]
+
+use std::io::{BufRead, BufReader, Lines};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+
+use serde_json::Value;
+use warren_perf::bulk::{run_bulk, BulkParams, Direction};
+use warren_perf::connrate::{run_connrate, ConnrateParams};
+use warren_perf::rr::{run_rr, RrParams};
+use warren_perf::{Backend, BackendKind, Live};
+
+const TIMEOUT_MS: u64 = 20_000;
+
+async fn start(kind: BackendKind) -> SocketAddr {
+    let backend = Backend::bind(kind, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = backend.local_addr();
+    tokio::spawn(backend.run());
+    addr
+}
+
+/// One conn_relay process in front of `to`.
+struct Relay {
+    child: Child,
+    addr: String,
+    reports: Lines<BufReader<ChildStdout>>,
+    /// The "relaying ... (...)" line.
+    banner: String,
+    /// Kept open: a closed stderr would make the relay's messages fail.
+    _stderr: BufReader<ChildStderr>,
+}
+
+impl Relay {
+    fn start(to: &str, extra: &[&str]) -> Relay {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_conn_relay"))
+            .args(["--listen", "127.0.0.1:0", "--to", to, "--threads", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut banner = String::new();
+        stderr.read_line(&mut banner).unwrap();
+        // "conn_relay: relaying 127.0.0.1:P -> ..."
+        let addr = banner.split_whitespace().nth(2).unwrap().to_owned();
+        let mut reports = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready: Value = serde_json::from_str(&reports.next().unwrap().unwrap()).unwrap();
+        assert_eq!(ready["event"], "ready", "{ready}");
+        Relay {
+            child,
+            addr,
+            reports,
+            banner,
+            _stderr: stderr,
+        }
+    }
+
+    /// SIGTERM: the last report, and exit status 0.
+    fn stop(mut self) -> Value {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let last: Value = serde_json::from_str(&self.reports.next().unwrap().unwrap()).unwrap();
+        assert!(self.child.wait().unwrap().success());
+        last
+    }
+}
+
+/// Relay A (the public side) -> relay B -> `to`, both with `extra` arguments.
+fn chain(to: SocketAddr, extra: &[&str]) -> (Relay, Relay) {
+    let b = Relay::start(&to.to_string(), extra);
+    let a = Relay::start(&b.addr, extra);
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_chain_passes_every_workload_intact() {
+    workloads_pass_through(
+        &["--splice", "--pipe-bytes", "65536"],
+        "splice through 65536-byte pipes",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copying_chain_passes_every_workload_intact() {
+    workloads_pass_through(&[], "recv/send").await;
+}
+
+async fn workloads_pass_through(extra: &[&str], mode: &str) {
+    let (echo, sink) = (
+        start(BackendKind::Echo).await,
+        start(BackendKind::Sink).await,
+    );
+    let (echo_a, echo_b) = chain(echo, extra);
+    let (sink_a, sink_b) = chain(sink, extra);
+    assert!(echo_a.banner.contains(mode), "{}", echo_a.banner);
+
+    let params = ConnrateParams {
+        target: echo_a.addr.clone(),
+        total: 200,
+        concurrency: 8,
+        size: 32,
+        io_timeout_ms: TIMEOUT_MS,
+    };
+    let r = run_connrate(params, Arc::new(Live::default()))
+        .await
+        .unwrap();
+    assert_eq!((r.errors, r.requests), (0, 200), "{}", r.to_json());
+    let params = RrParams {
+        target: echo_a.addr.clone(),
+        size: 1000,
+        connections: 4,
+        duration_ms: 10_000,
+        warmup_ms: 0,
+        requests: Some(400),
+        io_timeout_ms: TIMEOUT_MS,
+    };
+    let r = run_rr(params, Arc::new(Live::default())).await.unwrap();
+    assert_eq!(r.errors, 0, "{}", r.to_json());
+    // Larger than the 64 KiB pipes, so every pipe fills and drains many times; down makes the
+    // backend's side the source.
+    for direction in [Direction::Up, Direction::Down] {
+        let params = BulkParams {
+            target: sink_a.addr.clone(),
+            streams: 3,
+            bytes: 8 << 20,
+            direction,
+            io_timeout_ms: TIMEOUT_MS,
+        };
+        let r = run_bulk(params, Arc::new(Live::default())).await.unwrap();
+        assert_eq!((r.errors, r.bytes), (0, 3 * (8 << 20)), "{}", r.to_json());
+    }
+
+    for (relay, n) in [(echo_a, 204), (echo_b, 204), (sink_a, 6), (sink_b, 6)] {
+        let last = relay.stop();
+        assert_eq!(last["event"], "exit", "{last}");
+        assert_eq!(
+            (
+                &last["accepted"],
+                &last["completed"],
+                &last["failed"],
+                &last["open"]
+            ),
+            (&n.into(), &n.into(), &0.into(), &0.into()),
+            "{last}"
+        );
+    }
+}
+
+#[test]
+fn pipe_bytes_out_of_range_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_conn_relay"))
+        .args(["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9"])
+        .args(["--splice", "--pipe-bytes", "100"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pipe-bytes"), "{err}");
+}
