@@ -7,24 +7,12 @@
 use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
-use std::sync::Arc;
 
 use serde_json::Value;
-use warren_perf::bulk::{run_bulk, BulkParams, Direction};
-use warren_perf::connrate::{run_connrate, ConnrateParams};
-use warren_perf::rr::{run_rr, RrParams};
-use warren_perf::{Backend, BackendKind, Live};
+use warren_perf::BackendKind;
 
-const TIMEOUT_MS: u64 = 20_000;
-
-async fn start(kind: BackendKind) -> SocketAddr {
-    let backend = Backend::bind(kind, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = backend.local_addr();
-    tokio::spawn(backend.run());
-    addr
-}
+mod common;
+use common::{start, workloads, ECHO_CONNECTIONS, SINK_CONNECTIONS};
 
 /// One conn_relay process in front of `to`.
 struct Relay {
@@ -107,43 +95,14 @@ async fn workloads_pass_through(extra: &[&str], mode: &str) {
     let (sink_a, sink_b) = chain(sink, extra);
     assert!(echo_a.banner.contains(mode), "{}", echo_a.banner);
 
-    let params = ConnrateParams {
-        target: echo_a.addr.clone(),
-        total: 200,
-        concurrency: 8,
-        size: 32,
-        io_timeout_ms: TIMEOUT_MS,
-    };
-    let r = run_connrate(params, Arc::new(Live::default()))
-        .await
-        .unwrap();
-    assert_eq!((r.errors, r.requests), (0, 200), "{}", r.to_json());
-    let params = RrParams {
-        target: echo_a.addr.clone(),
-        size: 1000,
-        connections: 4,
-        duration_ms: 10_000,
-        warmup_ms: 0,
-        requests: Some(400),
-        io_timeout_ms: TIMEOUT_MS,
-    };
-    let r = run_rr(params, Arc::new(Live::default())).await.unwrap();
-    assert_eq!(r.errors, 0, "{}", r.to_json());
-    // Larger than the 64 KiB pipes, so every pipe fills and drains many times; down makes the
-    // backend's side the source.
-    for direction in [Direction::Up, Direction::Down] {
-        let params = BulkParams {
-            target: sink_a.addr.clone(),
-            streams: 3,
-            bytes: 8 << 20,
-            direction,
-            io_timeout_ms: TIMEOUT_MS,
-        };
-        let r = run_bulk(params, Arc::new(Live::default())).await.unwrap();
-        assert_eq!((r.errors, r.bytes), (0, 3 * (8 << 20)), "{}", r.to_json());
-    }
+    workloads(&echo_a.addr, &sink_a.addr).await;
 
-    for (relay, n) in [(echo_a, 204), (echo_b, 204), (sink_a, 6), (sink_b, 6)] {
+    for (relay, n) in [
+        (echo_a, ECHO_CONNECTIONS),
+        (echo_b, ECHO_CONNECTIONS),
+        (sink_a, SINK_CONNECTIONS),
+        (sink_b, SINK_CONNECTIONS),
+    ] {
         let last = relay.stop();
         assert_eq!(last["event"], "exit", "{last}");
         assert_eq!(

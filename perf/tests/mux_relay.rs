@@ -9,21 +9,11 @@ use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
 use serde_json::Value;
-use warren_perf::bulk::{run_bulk, BulkParams, Direction};
 use warren_perf::connrate::{run_connrate, ConnrateParams};
-use warren_perf::rr::{run_rr, RrParams};
-use warren_perf::{Backend, BackendKind, Live};
+use warren_perf::{BackendKind, Live};
 
-const TIMEOUT_MS: u64 = 20_000;
-
-async fn start(kind: BackendKind) -> SocketAddr {
-    let backend = Backend::bind(kind, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = backend.local_addr();
-    tokio::spawn(backend.run());
-    addr
-}
+mod common;
+use common::{start, workloads, ECHO_CONNECTIONS, SINK_CONNECTIONS, TIMEOUT_MS};
 
 /// A mux_relay (server and the client process it starts) in front of `to`.
 struct Mux {
@@ -99,49 +89,21 @@ async fn workloads_pass_through(tls: bool) {
     let client_pid = echo_mux.ready["client_pid"].as_u64().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{client_pid}")).exists());
 
-    let params = ConnrateParams {
-        target: echo_mux.addr.clone(),
-        total: 200,
-        concurrency: 8,
-        size: 32,
-        io_timeout_ms: TIMEOUT_MS,
-    };
-    let r = run_connrate(params, Arc::new(Live::default()))
-        .await
-        .unwrap();
-    assert_eq!((r.errors, r.requests), (0, 200), "{}", r.to_json());
-    let params = RrParams {
-        target: echo_mux.addr.clone(),
-        size: 1000,
-        connections: 4,
-        duration_ms: 10_000,
-        warmup_ms: 0,
-        requests: Some(400),
-        io_timeout_ms: TIMEOUT_MS,
-    };
-    let r = run_rr(params, Arc::new(Live::default())).await.unwrap();
-    assert_eq!(r.errors, 0, "{}", r.to_json());
-    for direction in [Direction::Up, Direction::Down] {
-        let params = BulkParams {
-            target: sink_mux.addr.clone(),
-            streams: 3,
-            bytes: 8 << 20,
-            direction,
-            io_timeout_ms: TIMEOUT_MS,
-        };
-        let r = run_bulk(params, Arc::new(Live::default())).await.unwrap();
-        assert_eq!((r.errors, r.bytes), (0, 3 * (8 << 20)), "{}", r.to_json());
-    }
+    workloads(&echo_mux.addr, &sink_mux.addr).await;
 
     let last = echo_mux.stop();
     assert_eq!(last["event"], "exit", "{last}");
-    assert_eq!(last["accepted"], 204, "{last}");
-    assert_eq!(last["completed"], 204, "{last}");
+    assert_eq!(last["accepted"], ECHO_CONNECTIONS, "{last}");
+    assert_eq!(last["completed"], ECHO_CONNECTIONS, "{last}");
     assert_eq!(last["failed"], 0, "{last}");
     assert_eq!(last["open"], 0, "{last}");
-    assert_eq!(last["client"]["completed"], 204, "{last}");
+    assert_eq!(last["client"]["completed"], ECHO_CONNECTIONS, "{last}");
     // Two sessions, streams in turn.
-    assert_eq!(last["per_session"][0]["accepted"], 102, "{last}");
+    assert_eq!(
+        last["per_session"][0]["accepted"],
+        ECHO_CONNECTIONS / 2,
+        "{last}"
+    );
     let f = |k: &str| last[k].as_f64().unwrap();
     assert!(f("client_cpu_s") > 0.0 && f("server_cpu_s") > 0.0, "{last}");
     assert!(
@@ -153,7 +115,7 @@ async fn workloads_pass_through(tls: bool) {
     let last = sink_mux.stop();
     assert_eq!(
         (&last["completed"], &last["failed"]),
-        (&6.into(), &0.into()),
+        (&SINK_CONNECTIONS.into(), &0.into()),
         "{last}"
     );
 }

@@ -732,17 +732,7 @@ mod linux {
                     continue;
                 }
                 if d.eof {
-                    if d.shut {
-                        return Ok(Step::Open);
-                    }
-                    d.shut = true;
-                    if other_done {
-                        return Ok(Step::Done);
-                    }
-                    // SAFETY: shutdown on an fd this connection owns.
-                    let r = unsafe { libc::shutdown(self.fd[dst], libc::SHUT_WR) };
-                    cvt(r as isize).map_err(fail("shutdown", dst))?;
-                    return Ok(Step::Open);
+                    return d.pass_eof(other_done, self.fd[dst], dst);
                 }
                 if !self.rd[src] {
                     return Ok(Step::Open);
@@ -768,6 +758,26 @@ mod linux {
         }
     }
 
+    impl Dir {
+        /// The source's EOF has been read and every byte before it sent: pass it on once
+        /// (`shutdown(SHUT_WR)` of the destination `dst_fd`, side `dst`), or report the
+        /// connection done when the other direction had already ended (the caller's close then
+        /// sends the FIN).
+        fn pass_eof(&mut self, other_done: bool, dst_fd: RawFd, dst: usize) -> Result<Step, Fail> {
+            if self.shut {
+                return Ok(Step::Open);
+            }
+            self.shut = true;
+            if other_done {
+                return Ok(Step::Done);
+            }
+            // SAFETY: shutdown on an fd this connection owns.
+            let r = unsafe { libc::shutdown(dst_fd, libc::SHUT_WR) };
+            cvt(r as isize).map_err(fail("shutdown", dst))?;
+            Ok(Step::Open)
+        }
+    }
+
     impl Conn {
         /// `pump` with `--splice`: side `src` -> its pipe -> the other side, the pipe emptied
         /// before the source is read again; the source is read until `EAGAIN`.
@@ -790,17 +800,7 @@ mod linux {
                     continue;
                 }
                 if d.eof {
-                    if d.shut {
-                        return Ok(Step::Open);
-                    }
-                    d.shut = true;
-                    if other_done {
-                        return Ok(Step::Done);
-                    }
-                    // SAFETY: shutdown on an fd this connection owns.
-                    let r = unsafe { libc::shutdown(self.fd[dst], libc::SHUT_WR) };
-                    cvt(r as isize).map_err(fail("shutdown", dst))?;
-                    return Ok(Step::Open);
+                    return d.pass_eof(other_done, self.fd[dst], dst);
                 }
                 if !self.rd[src] {
                     return Ok(Step::Open);
