@@ -4,71 +4,25 @@
 //! final reports. Tiny sizes; they assert correctness, never speed.
 #![cfg(target_os = "linux")]
 
-use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::Command;
 
-use serde_json::Value;
 use warren_perf::BackendKind;
 
 mod common;
-use common::{start, workloads, ECHO_CONNECTIONS, SINK_CONNECTIONS};
+use common::{start, workloads, RelayProcess, ECHO_CONNECTIONS, SINK_CONNECTIONS};
 
-/// One conn_relay process in front of `to`.
-struct Relay {
-    child: Child,
-    addr: String,
-    reports: Lines<BufReader<ChildStdout>>,
-    /// The "relaying ... (...)" line.
-    banner: String,
-    /// Kept open: a closed stderr would make the relay's messages fail.
-    _stderr: BufReader<ChildStderr>,
-}
-
-impl Relay {
-    fn start(to: &str, extra: &[&str]) -> Relay {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_conn_relay"))
-            .args(["--listen", "127.0.0.1:0", "--to", to, "--threads", "2"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut banner = String::new();
-        stderr.read_line(&mut banner).unwrap();
-        // "conn_relay: relaying 127.0.0.1:P -> ..."
-        let addr = banner.split_whitespace().nth(2).unwrap().to_owned();
-        let mut reports = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready: Value = serde_json::from_str(&reports.next().unwrap().unwrap()).unwrap();
-        assert_eq!(ready["event"], "ready", "{ready}");
-        Relay {
-            child,
-            addr,
-            reports,
-            banner,
-            _stderr: stderr,
-        }
-    }
-
-    /// SIGTERM: the last report, and exit status 0.
-    fn stop(mut self) -> Value {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let last: Value = serde_json::from_str(&self.reports.next().unwrap().unwrap()).unwrap();
-        assert!(self.child.wait().unwrap().success());
-        last
-    }
+/// One conn_relay process in front of `to` (2 event loops).
+fn relay(to: &str, extra: &[&str]) -> RelayProcess {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--to", to, "--threads", "2"];
+    args.extend_from_slice(extra);
+    RelayProcess::start(env!("CARGO_BIN_EXE_conn_relay"), &args)
 }
 
 /// Relay A (the public side) -> relay B -> `to`, both with `extra` arguments.
-fn chain(to: SocketAddr, extra: &[&str]) -> (Relay, Relay) {
-    let b = Relay::start(&to.to_string(), extra);
-    let a = Relay::start(&b.addr, extra);
+fn chain(to: SocketAddr, extra: &[&str]) -> (RelayProcess, RelayProcess) {
+    let b = relay(&to.to_string(), extra);
+    let a = relay(&b.addr, extra);
     (a, b)
 }
 
@@ -94,6 +48,7 @@ async fn workloads_pass_through(extra: &[&str], mode: &str) {
     let (echo_a, echo_b) = chain(echo, extra);
     let (sink_a, sink_b) = chain(sink, extra);
     assert!(echo_a.banner.contains(mode), "{}", echo_a.banner);
+    assert_eq!(echo_a.ready["threads"], 2, "{}", echo_a.ready);
 
     workloads(&echo_a.addr, &sink_a.addr).await;
 

@@ -3,67 +3,31 @@
 //! they assert correctness, never speed.
 #![cfg(target_os = "linux")]
 
-use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
-use serde_json::Value;
 use warren_perf::connrate::{run_connrate, ConnrateParams};
 use warren_perf::{BackendKind, Live};
 
 mod common;
-use common::{start, workloads, ECHO_CONNECTIONS, SINK_CONNECTIONS, TIMEOUT_MS};
+use common::{start, workloads, RelayProcess, ECHO_CONNECTIONS, SINK_CONNECTIONS, TIMEOUT_MS};
 
-/// A mux_relay (server and the client process it starts) in front of `to`.
-struct Mux {
-    child: Child,
-    addr: String,
-    reports: Lines<BufReader<ChildStdout>>,
-    ready: Value,
-    /// Kept open: a closed stderr would make the relay's messages fail.
-    _stderr: BufReader<ChildStderr>,
-}
-
-impl Mux {
-    fn start(to: SocketAddr, sessions: usize, tls: bool) -> Mux {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mux_relay"))
-            .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
-            .args(["--sessions", &sessions.to_string()])
-            .args(tls.then_some("--tls"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut reports = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready: Value = serde_json::from_str(&reports.next().unwrap().unwrap()).unwrap();
-        assert_eq!(ready["event"], "ready", "{ready}");
-        // "mux_relay: relaying 127.0.0.1:P -> ..."
-        let mut line = String::new();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        stderr.read_line(&mut line).unwrap();
-        let addr = line.split_whitespace().nth(2).unwrap().to_owned();
-        Mux {
-            child,
-            addr,
-            reports,
-            ready,
-            _stderr: stderr,
-        }
+/// A mux_relay (server and the client process it starts) in front of `to`. Its `stop` report
+/// covers both processes.
+fn mux(to: SocketAddr, sessions: usize, tls: bool) -> RelayProcess {
+    let (to, sessions) = (to.to_string(), sessions.to_string());
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        &to,
+        "--sessions",
+        &sessions,
+    ];
+    if tls {
+        args.push("--tls");
     }
-
-    /// SIGTERM: the last report (both processes), and exit status 0.
-    fn stop(mut self) -> Value {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let last: Value = serde_json::from_str(&self.reports.next().unwrap().unwrap()).unwrap();
-        assert!(self.child.wait().unwrap().success());
-        last
-    }
+    RelayProcess::start(env!("CARGO_BIN_EXE_mux_relay"), &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,12 +45,14 @@ async fn workloads_pass_through(tls: bool) {
         start(BackendKind::Echo).await,
         start(BackendKind::Sink).await,
     );
-    let (echo_mux, sink_mux) = (Mux::start(echo, 2, tls), Mux::start(sink, 1, tls));
+    let (echo_mux, sink_mux) = (mux(echo, 2, tls), mux(sink, 1, tls));
     assert_eq!(echo_mux.ready["processes"], 2);
     assert_eq!(echo_mux.ready["sessions"], 2);
     assert_eq!(echo_mux.ready["tls"], tls);
     assert_eq!(sink_mux.ready["tls"], tls);
     let client_pid = echo_mux.ready["client_pid"].as_u64().unwrap();
+    let banner = format!("over 2 session(s) to client process {client_pid} ");
+    assert!(echo_mux.banner.contains(&banner), "{}", echo_mux.banner);
     assert!(std::path::Path::new(&format!("/proc/{client_pid}")).exists());
 
     workloads(&echo_mux.addr, &sink_mux.addr).await;
@@ -127,7 +93,7 @@ async fn a_refused_backend_resets_the_visitor() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mux = Mux::start(to, 1, false);
+    let mux = mux(to, 1, false);
     let params = ConnrateParams {
         target: mux.addr.clone(),
         total: 10,

@@ -1,8 +1,12 @@
-//! What the relay tests share: in-process backends, and one pass of the load tool's workloads
-//! through a relay (every byte checked by the receiver).
+//! What the relay tests share: in-process backends, a relay process with its reports, and one
+//! pass of the load tool's workloads through a relay (every byte checked by the receiver).
 
+use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::Arc;
+
+use serde_json::Value;
 
 use warren_perf::bulk::{run_bulk, BulkParams, Direction};
 use warren_perf::connrate::{run_connrate, ConnrateParams};
@@ -62,5 +66,60 @@ pub async fn workloads(echo: &str, sink: &str) {
         };
         let r = run_bulk(params, Arc::new(Live::default())).await.unwrap();
         assert_eq!((r.errors, r.bytes), (0, 3 * (8 << 20)), "{}", r.to_json());
+    }
+}
+
+/// A relay binary (`conn_relay`, `mux_relay`) started with `args`, once it has printed its
+/// "relaying ADDR -> ..." line on stderr and its `ready` report on stdout.
+pub struct RelayProcess {
+    child: Child,
+    /// The address it listens on, from the banner.
+    pub addr: String,
+    /// The banner line.
+    pub banner: String,
+    /// The `ready` report.
+    pub ready: Value,
+    reports: Lines<BufReader<ChildStdout>>,
+    /// Kept open: a closed stderr would make the relay's messages fail.
+    _stderr: BufReader<ChildStderr>,
+}
+
+impl RelayProcess {
+    pub fn start(bin: &str, args: &[&str]) -> RelayProcess {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut banner = String::new();
+        stderr.read_line(&mut banner).unwrap();
+        // "<name>: relaying 127.0.0.1:P -> ..."
+        let addr = banner.split_whitespace().nth(2).unwrap().to_owned();
+        let mut reports = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready: Value = serde_json::from_str(&reports.next().unwrap().unwrap()).unwrap();
+        assert_eq!(ready["event"], "ready", "{ready}");
+        RelayProcess {
+            child,
+            addr,
+            banner,
+            ready,
+            reports,
+            _stderr: stderr,
+        }
+    }
+
+    /// SIGTERM: the last report, and exit status 0.
+    pub fn stop(mut self) -> Value {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let last: Value = serde_json::from_str(&self.reports.next().unwrap().unwrap()).unwrap();
+        assert!(self.child.wait().unwrap().success());
+        last
     }
 }
