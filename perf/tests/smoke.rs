@@ -1,7 +1,6 @@
 //! CI smoke tests of the load tool: every backend on port 0 in-process, every client against it
 //! with tiny sizes. They assert that the tool ran and that the bytes arrived intact, never speed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use warren_perf::bulk::{run_bulk, BulkParams, Direction};
@@ -10,16 +9,8 @@ use warren_perf::hold::{run_hold, HoldParams};
 use warren_perf::rr::{run_rr, RrParams};
 use warren_perf::{Backend, BackendKind, Live, Report};
 
-const TIMEOUT_MS: u64 = 20_000;
-
-async fn start(kind: BackendKind) -> SocketAddr {
-    let backend = Backend::bind(kind, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = backend.local_addr();
-    tokio::spawn(backend.run());
-    addr
-}
+mod common;
+use common::{start, TIMEOUT_MS};
 
 fn assert_clean(report: &Report) {
     assert_eq!(report.errors, 0, "{}", report.to_json());

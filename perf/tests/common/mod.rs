@@ -1,5 +1,8 @@
-//! What the relay tests share: in-process backends, a relay process with its reports, and one
+//! What the perf tests share: in-process backends, a relay process with its reports, and one
 //! pass of the load tool's workloads through a relay (every byte checked by the receiver).
+
+// Each test crate that includes this module uses a part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
