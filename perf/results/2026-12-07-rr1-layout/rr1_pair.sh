@@ -1,9 +1,15 @@
 #!/bin/bash
-# usage: bulk10x_pair.sh LABEL [extra tuning lines...]: starts a sink, a warren server and client
-# (io_uring, plain TCP, the given [*.tuning] lines) and runs perf/compare's bulk-10x through them
-# REPS times (default 3), printing MB/s, tunnel CPU s/GB (utime+stime of both processes, from
-# /proc/PID/stat in USER_HZ = 100 ticks) and context switches per GB (all threads of both).
+# usage: rr1_pair.sh LABEL [extra tuning lines...]: starts a warren-load echo, a warren server and
+# client (io_uring, plain TCP, the given [*.tuning] lines; services echo, sink and http) and runs
+# `warren-load rr --size 64 --connections 1` through the echo service, printing p50/p99/rps.
+# Environment: MS / WARM the run's duration and warm-up in ms (4000 / 500); SETSID=1 starts the
+# echo, the server and the client each under setsid (own session, own autogroup, as perf/compare
+# and systemd do; without it all share this script's session); ALL3=1 also starts sink and http
+# backends and probes the three public ports first (probe3.py, as perf/compare does); SCHED=1
+# records `perf sched` for 1 s of the run, PSTAT=1 `perf stat` of syscalls for 1 s of each
+# process. Output under /tmp/exp/LABEL.
 set -e
+SID=${SETSID:+setsid}
 W=${WARREN_BIN_DIR:-/work/main/target/release}
 L=$1; shift
 EXTRA="$*"
@@ -19,6 +25,10 @@ token = "0123456789abcdef0123456789abcdef"
 $(echo -e "$EXTRA")
 [server.services.echo]
 bind_addr = "127.0.0.1:47001"
+[server.services.sink]
+bind_addr = "127.0.0.1:47011"
+[server.services.http]
+bind_addr = "127.0.0.1:47021"
 E2
 cat > $D/client.toml <<E2
 [client]
@@ -30,19 +40,25 @@ transport = "tcp"
 $(echo -e "$EXTRA")
 [client.services.echo]
 local_addr = "127.0.0.1:47002"
+[client.services.sink]
+local_addr = "127.0.0.1:47012"
+[client.services.http]
+local_addr = "127.0.0.1:47022"
 E2
-$W/warren-load -q echo --listen 127.0.0.1:47002 > $D/sink.log 2>&1 & SINK=$!
-$W/warren server -c $D/server.toml --backend ${BACKEND:-uring} > $D/server.log 2>&1 & SRV=$!
+$SID $W/warren-load -q echo --listen 127.0.0.1:47002 > $D/sink.log 2>&1 & SINK=$!
+if [ -n "$ALL3" ]; then $W/warren-load -q sink --listen 127.0.0.1:47012 > /dev/null 2>&1 & S2=$!; $W/warren-load -q http --listen 127.0.0.1:47022 > /dev/null 2>&1 & S3=$!; fi
+$SID $W/warren server -c $D/server.toml --backend ${BACKEND:-uring} > $D/server.log 2>&1 & SRV=$!
 sleep 0.5
-$W/warren client -c $D/client.toml --backend ${BACKEND:-uring} > $D/client.log 2>&1 & CLI=$!
+$SID $W/warren client -c $D/client.toml --backend ${BACKEND:-uring} > $D/client.log 2>&1 & CLI=$!
 sleep 1.5
+if [ -n "$ALL3" ]; then python3 "$(dirname "$0")/probe3.py"; fi
 if [ -n "$PSTAT" ]; then
   ( sleep 2; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $SRV -o $D/srv.stat -- sleep 1; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $CLI -o $D/cli.stat -- sleep 1 ) & SP=$!
 fi
 if [ -n "$SCHED" ]; then
   ( sleep 2; perf sched record -o $D/sched.data -- sleep 1 > /dev/null 2>&1 ) & SP=$!
 fi
-$W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms 500 > $D/rr.json
+$W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
 python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
 [ -n "$SP" ] && wait $SP
-kill $CLI $SRV $SINK; wait 2>/dev/null
+kill $CLI $SRV $SINK $S2 $S3; wait 2>/dev/null
