@@ -144,7 +144,8 @@ class Warren(System):
     default systems `warren-tcp` / `warren-tls`) or "compat" (`warren-compat-tcp`). `binary`
     names the ctx key of the executable: "warren" (the shipped build, system allocator) or
     "warren_mimalloc" (built with `--features mimalloc`), for the allocator comparison
-    (`warren-mimalloc-tcp`)."""
+    (`warren-mimalloc-tcp`), or "warren_other" (perf/compare `--other-warren PATH`: another build,
+    e.g. of an earlier commit, as `warren-other-tcp` / `warren-other-tls`)."""
 
     # Tuning variants measured beside the shipped defaults: name suffix -> (label note, server
     # tuning lines, client tuning lines). "spread": the client's shards on the server's cores in
@@ -188,6 +189,9 @@ class Warren(System):
         elif binary == "warren_mimalloc":
             self.name = f"warren-mimalloc-{transport}"
             self.label = f"warren {backend} ({transport}, mimalloc)"
+        elif binary == "warren_other":
+            self.name = f"warren-other-{transport}"
+            self.label = f"warren {'io_uring' if backend == 'uring' else backend} ({transport}, --other-warren binary)"
         elif backend == "uring":
             self.name = f"warren-{transport}"
             self.label = f"warren io_uring ({transport})"
@@ -197,6 +201,8 @@ class Warren(System):
 
     def available(self):
         b = self.ctx.get(self.binary)
+        if not b and self.binary == "warren_other":
+            return "no --other-warren binary given"
         return None if b and os.path.exists(b) else f"{self.binary} binary missing"
 
     def _start(self, base_port):
@@ -502,4 +508,5 @@ def all_systems(ctx):
             Warren(ctx, "tcp", variant="otherpoll"),
             Warren(ctx, "tls", variant="rustls"), Warren(ctx, "tcp", variant="syscc"),
             Warren(ctx, "tcp", variant="win256k"), Warren(ctx, "tls", variant="win256k"),
+            Warren(ctx, "tcp", "uring", "warren_other"), Warren(ctx, "tls", "uring", "warren_other"),
             RelayFloor(ctx), RelayFloorAwake(ctx), SpliceFloor(ctx), MuxFloor(ctx), MuxFloorTls(ctx)]

@@ -78,6 +78,14 @@ const BUSY_POLL_MAX_BATCH: usize = 4;
 /// a poll would take the core from the threads that produce it (measured: rr-64 and
 /// connect+echo+close lost 6-30% to the poll): the shard sleeps.
 const BUSY_POLL_MAX_STREAMS: usize = 4;
+/// A stream opened within this long means connection churn: the shard sleeps instead of
+/// polling. Each new connection brings its own completions (accept or connect, first reads,
+/// closes) soon enough, and a poll between them only took the core from the load generator
+/// and the service: with this rule connect+echo+close made 4.5% more connections per second
+/// at 4-9% less tunnel CPU per connection on the AMD host
+/// (perf/results/2026-12-07-churn-poll/). A few long-lived streams (the case the poll is
+/// for) open nothing and keep polling.
+const CHURN_QUIET: Duration = Duration::from_millis(1);
 /// Slots of the ring's registered-file table: long-lived sockets (listeners, sessions) only.
 const FIXED_FILES: u32 = 1024;
 /// A look of a busy poll that comes this long after the one before means another thread held
@@ -907,6 +915,8 @@ struct Shard {
     bulk: BulkMeter,
     /// Completions the last non-empty turn handled (no busy poll under load).
     last_batch: usize,
+    /// When the last stream was opened (no busy poll under connection churn).
+    last_open: Instant,
     /// Busy polls run as `SCHED_IDLE` (`busy_poll_sched_idle`, and the switch back works).
     sched_idle: bool,
     /// This thread is `SCHED_IDLE` now (only from a busy poll until it sleeps or gets load).
@@ -994,6 +1004,11 @@ impl Shard {
             fixed_free,
             bulk: BulkMeter::new(clock::now()),
             last_batch: 0,
+            // No stream yet: as if the last one opened a churn window ago.
+            last_open: {
+                let now = clock::now();
+                now.checked_sub(CHURN_QUIET).unwrap_or(now)
+            },
             sched_idle,
             in_idle_class: false,
             idle_blocked_until: clock::now(),
@@ -1033,11 +1048,12 @@ impl Shard {
             let mut has_ready = !self.ring.completion().is_empty();
             self.bulk.note(now, sys::take_moved());
             // Poll only while traffic is light: no bulk in the last bulk::QUIET, few completions
-            // in the last turn, few streams. Under load a sleeping shard wakes to a batch of
-            // completions and coalesces their frames into fewer session sends; polling would
-            // take them one by one.
+            // in the last turn, no stream opened in the last CHURN_QUIET, few streams. Under
+            // load a sleeping shard wakes to a batch of completions and coalesces their frames
+            // into fewer session sends; polling would take them one by one.
             let light = self.bulk.is_quiet(now)
                 && self.last_batch <= BUSY_POLL_MAX_BATCH
+                && now.saturating_duration_since(self.last_open) >= CHURN_QUIET
                 && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             let few_streams = self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             let mb = &self.mailboxes[self.index];
@@ -2710,6 +2726,7 @@ impl Shard {
         if end == LocalEnd::Service {
             let _ = sock.set_nodelay(true);
         }
+        self.last_open = clock::now();
         self.streams.insert(StreamSlot {
             sock,
             session,
