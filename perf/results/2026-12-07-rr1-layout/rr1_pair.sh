@@ -7,7 +7,9 @@
 # and systemd do; without it all share this script's session); ALL3=1 also starts sink and http
 # backends and probes the three public ports first (probe3.py, as perf/compare does); SCHED=1
 # records `perf sched` for 1 s of the run, PSTAT=1 `perf stat` of syscalls for 1 s of each
-# process. Output under /tmp/exp/LABEL.
+# process, PREC=1 `perf record -a -g` for 2 s of it. LOAD=connrate runs `warren-load connrate
+# --total $TOTAL (20000) --concurrency 16` instead of rr and prints conn/s (PREC then starts
+# 0.3 s in). Output under /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
 W=${WARREN_BIN_DIR:-/work/main/target/release}
@@ -55,10 +57,19 @@ if [ -n "$ALL3" ]; then python3 "$(dirname "$0")/probe3.py"; fi
 if [ -n "$PSTAT" ]; then
   ( sleep 2; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $SRV -o $D/srv.stat -- sleep 1; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $CLI -o $D/cli.stat -- sleep 1 ) & SP=$!
 fi
+if [ -n "$PREC" ]; then
+  AT=2; [ "$LOAD" = connrate ] && AT=0.3
+  ( sleep $AT; perf record -a -g -o $D/perf.data -- sleep 2 > /dev/null 2>&1 ) & SP=$!
+fi
 if [ -n "$SCHED" ]; then
   ( sleep 2; perf sched record -o $D/sched.data -- sleep 1 > /dev/null 2>&1 ) & SP=$!
 fi
-$W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
-python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
+if [ "$LOAD" = connrate ]; then
+  $W/warren-load -q connrate --target 127.0.0.1:47001 --total ${TOTAL:-20000} --concurrency 16 > $D/rr.json
+  python3 -c "import json;j=json.load(open('$D/rr.json'));print('connrate', round(j['rps']), 'p50', j['latency_us'].get('p50'))"
+else
+  $W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
+  python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
+fi
 [ -n "$SP" ] && wait $SP
 kill $CLI $SRV $SINK $S2 $S3; wait 2>/dev/null
