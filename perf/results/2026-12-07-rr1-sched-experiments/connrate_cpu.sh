@@ -1,5 +1,5 @@
 #!/bin/bash
-# connrate_cpu.sh LABEL: an echo, a warren (or with SYSTEM=rathole, rathole 0.5.0 TCP) server and client, each under setsid, and `warren-load connrate --total 20000 --concurrency 16` through them; prints conn/s and the CPU ms of the load generator (getrusage of the child), the echo, the server and the client over the run. TUNING adds lines to both [*.tuning] tables (warren); TARGET=127.0.0.1:47202 goes to the echo directly.
+# connrate_cpu.sh LABEL: an echo, a warren (or with SYSTEM=rathole, rathole 0.5.0 TCP) server and client, each under setsid, and `warren-load connrate --total 20000 --concurrency 16` through them; prints conn/s and the CPU ms of the load generator (getrusage of the child), the echo, the server and the client over the run. TUNING adds lines to both [*.tuning] tables (warren); TARGET=127.0.0.1:47202 goes to the echo directly. LOAD=rr64 runs perf/compare's rr-64 (64 connections, 1 s warm-up + 5 s) instead, printing round trips/s.
 set -e
 W=${WARREN_BIN_DIR:-/work/main/target/release}
 L=$1; D=/tmp/exp/$L; rm -rf $D; mkdir -p $D
@@ -46,11 +46,14 @@ e0=$(cpu $E); s0=$(cpu $SRV); c0=$(cpu $CLI)
 python3 - "$W" "$TARGET" "$D" <<'PY'
 import resource, subprocess, sys, json
 w, target, d = sys.argv[1:4]
-r = subprocess.run([f"{w}/warren-load", "-q", "connrate", "--target", target, "--total", "20000", "--concurrency", "16"], capture_output=True, text=True)
+import os
+load = ["rr", "--size", "64", "--connections", "64", "--duration-ms", "5000", "--warmup-ms", "1000"] \
+    if os.environ.get("LOAD") == "rr64" else ["connrate", "--total", "20000", "--concurrency", "16"]
+r = subprocess.run([f"{w}/warren-load", "-q", *load, "--target", target], capture_output=True, text=True)
 u = resource.getrusage(resource.RUSAGE_CHILDREN)
 j = json.loads(r.stdout)
 open(f"{d}/lg.txt", "w").write(f"{j['rps']:.0f} {(u.ru_utime + u.ru_stime) * 1000:.0f}\n")
 PY
 read rps lg < $D/lg.txt
-echo "$L conn/s $rps loadgen_ms $lg echo_ms $(( $(cpu $E) - e0 )) server_ms $(( $(cpu $SRV) - s0 )) client_ms $(( $(cpu $CLI) - c0 ))"
+echo "$L $([ "$LOAD" = rr64 ] && echo rt/s || echo conn/s) $rps loadgen_ms $lg echo_ms $(( $(cpu $E) - e0 )) server_ms $(( $(cpu $SRV) - s0 )) client_ms $(( $(cpu $CLI) - c0 ))"
 kill $CLI $SRV $E; wait 2>/dev/null
