@@ -100,6 +100,20 @@ const IDLE_PROBE_EVERY: Duration = Duration::from_millis(2);
 const IDLE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const IDLE_BACKOFF_MAX: Duration = Duration::from_secs(64);
 
+/// Whether traffic is light enough for a busy poll: no bulk lately, a small last batch, few
+/// streams, and no stream opened within `CHURN_QUIET` (`since_open`).
+fn light_traffic(
+    bulk_quiet: bool,
+    last_batch: usize,
+    streams: usize,
+    since_open: Duration,
+) -> bool {
+    bulk_quiet
+        && last_batch <= BUSY_POLL_MAX_BATCH
+        && streams <= BUSY_POLL_MAX_STREAMS
+        && since_open >= CHURN_QUIET
+}
+
 /// Builds an SQE against a registered file when the socket has a slot in the ring's file
 /// table, else against its fd: `target!(slot, fd, |t| opcode::Send::new(t, ..).build())`.
 macro_rules! target {
@@ -1051,10 +1065,12 @@ impl Shard {
             // in the last turn, no stream opened in the last CHURN_QUIET, few streams. Under
             // load a sleeping shard wakes to a batch of completions and coalesces their frames
             // into fewer session sends; polling would take them one by one.
-            let light = self.bulk.is_quiet(now)
-                && self.last_batch <= BUSY_POLL_MAX_BATCH
-                && now.saturating_duration_since(self.last_open) >= CHURN_QUIET
-                && self.streams.len() <= BUSY_POLL_MAX_STREAMS;
+            let light = light_traffic(
+                self.bulk.is_quiet(now),
+                self.last_batch,
+                self.streams.len(),
+                now.saturating_duration_since(self.last_open),
+            );
             let few_streams = self.streams.len() <= BUSY_POLL_MAX_STREAMS;
             let mb = &self.mailboxes[self.index];
             // Only this thread stores it, so the load is what it last stored.
@@ -3783,6 +3799,36 @@ fn spliced_session_config(
 mod tests {
     use super::*;
     use awake_probe::AwakeProbe;
+
+    #[test]
+    fn a_stream_opened_within_the_churn_window_stops_the_busy_poll() {
+        let quiet = CHURN_QUIET;
+        assert!(light_traffic(true, 1, 1, quiet), "one quiet stream polls");
+        assert!(
+            !light_traffic(true, 1, 1, quiet - Duration::from_micros(1)),
+            "a stream opened just now: no poll"
+        );
+        assert!(
+            !light_traffic(true, 1, 1, Duration::ZERO),
+            "a stream opened this instant: no poll"
+        );
+        // The other rules still hold once the churn window has passed.
+        assert!(!light_traffic(false, 1, 1, quiet), "bulk: no poll");
+        assert!(
+            !light_traffic(true, BUSY_POLL_MAX_BATCH + 1, 1, quiet),
+            "a big batch: no poll"
+        );
+        assert!(
+            !light_traffic(true, 1, BUSY_POLL_MAX_STREAMS + 1, quiet),
+            "many streams: no poll"
+        );
+        assert!(light_traffic(
+            true,
+            BUSY_POLL_MAX_BATCH,
+            BUSY_POLL_MAX_STREAMS,
+            quiet * 100
+        ));
+    }
 
     #[test]
     fn a_splicing_session_grows_windows_on_the_smoothed_rtt_only_up_to_the_pipe() {
