@@ -9,7 +9,9 @@
 # records `perf sched` for 1 s of the run, PSTAT=1 `perf stat` of syscalls for 1 s of each
 # process, PREC=1 `perf record -a -g` for 2 s of it. LOAD=connrate runs `warren-load connrate
 # --total $TOTAL (20000) --concurrency 16` instead of rr and prints conn/s (PREC then starts
-# 0.3 s in). Output under /tmp/exp/LABEL.
+# 0.3 s in). SX / CX add tuning lines to the server's / the client's table only; SENV / CENV are
+# environment assignments (VAR=value ...) for the server / the client alone. Output under
+# /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
 W=${WARREN_BIN_DIR:-/work/main/target/release}
@@ -24,7 +26,7 @@ state_dir = "$D/state"
 [server.clients.perf]
 token = "0123456789abcdef0123456789abcdef"
 [server.tuning]
-$(echo -e "$EXTRA")
+$(echo -e "$EXTRA\n$SX")
 [server.services.echo]
 bind_addr = "127.0.0.1:47001"
 [server.services.sink]
@@ -39,7 +41,7 @@ name = "perf"
 token = "0123456789abcdef0123456789abcdef"
 transport = "tcp"
 [client.tuning]
-$(echo -e "$EXTRA")
+$(echo -e "$EXTRA\n$CX")
 [client.services.echo]
 local_addr = "127.0.0.1:47002"
 [client.services.sink]
@@ -49,9 +51,9 @@ local_addr = "127.0.0.1:47022"
 E2
 $SID $W/warren-load -q echo --listen 127.0.0.1:47002 > $D/sink.log 2>&1 & SINK=$!
 if [ -n "$ALL3" ]; then $W/warren-load -q sink --listen 127.0.0.1:47012 > /dev/null 2>&1 & S2=$!; $W/warren-load -q http --listen 127.0.0.1:47022 > /dev/null 2>&1 & S3=$!; fi
-$SID $W/warren server -c $D/server.toml --backend ${BACKEND:-uring} > $D/server.log 2>&1 & SRV=$!
+$SID env $SENV $W/warren server -c $D/server.toml --backend ${BACKEND:-uring} > $D/server.log 2>&1 & SRV=$!
 sleep 0.5
-$SID $W/warren client -c $D/client.toml --backend ${BACKEND:-uring} > $D/client.log 2>&1 & CLI=$!
+$SID env $CENV $W/warren client -c $D/client.toml --backend ${BACKEND:-uring} > $D/client.log 2>&1 & CLI=$!
 sleep 1.5
 if [ -n "$ALL3" ]; then python3 "$(dirname "$0")/probe3.py"; fi
 if [ -n "$PSTAT" ]; then
