@@ -269,14 +269,7 @@ async fn run_session(
         match wake {
             Ok(Wake::Readable) => match io.read_into(&mut input) {
                 Ok(ReadOutcome::Eof) => {
-                    let why = if input.is_empty() {
-                        "the peer closed the connection".to_string()
-                    } else {
-                        format!(
-                            "the peer closed the connection inside a frame ({} bytes pending)",
-                            input.len()
-                        )
-                    };
+                    let why = crate::transport::peer_closed(input.len());
                     // Process what is complete before declaring the loss.
                     let mut core = handle.core.borrow_mut();
                     let _ = core.session.handle_input(now(), &mut input);

@@ -138,6 +138,16 @@ impl Write for SockWriter<'_> {
     }
 }
 
+/// Why a session ended when its socket read EOF with `pending` bytes not yet decoded (a partial
+/// frame), in the words both data planes log.
+pub fn peer_closed(pending: usize) -> String {
+    if pending == 0 {
+        "the peer closed the connection".to_string()
+    } else {
+        format!("the peer closed the connection inside a frame ({pending} bytes pending)")
+    }
+}
+
 /// Decrypts what rustls has buffered and appends the plaintext to `plain`. Both data planes
 /// use it after handing rustls received records.
 pub fn process_into(tls: &mut TlsConn, plain: &mut BytesMut) -> io::Result<()> {

@@ -879,6 +879,13 @@ async fn a_client_that_dies_inside_a_data_frame_resets_the_visitor_of_that_strea
         "the visitor got {} bytes that are not the start of the payload",
         got.len()
     );
+    // The session's end names the half-received frame ("inside a frame (N bytes pending)", or
+    // on a session that splices payloads, "inside a DATA frame (N bytes missing)").
+    server.proc.wait_line(
+        mark,
+        &["session ended", "the peer closed the connection inside a"],
+        SOON,
+    );
 }
 
 // ---- 6. config check -------------------------------------------------------------------------

@@ -1888,15 +1888,8 @@ impl Shard {
                 // (Unless the peer's FIN was reported: it may wait behind these bytes.)
                 drained = (n as usize) < want && !s.rx_hup;
             } else if n == 0 {
-                let why = if s.input.is_empty() {
-                    "the peer closed the connection".to_string()
-                } else {
-                    format!(
-                        "the peer closed the connection inside a frame ({} bytes pending)",
-                        s.input.len()
-                    )
-                };
-                s.core.handle_connection_lost(&why);
+                s.core
+                    .handle_connection_lost(&warren_compat::transport::peer_closed(s.input.len()));
                 return;
             } else {
                 let e = io::Error::last_os_error();
@@ -2101,15 +2094,8 @@ impl Shard {
                 }
             }
         } else if res == 0 {
-            let why = if s.input.is_empty() {
-                "the peer closed the connection".to_string()
-            } else {
-                format!(
-                    "the peer closed the connection inside a frame ({} bytes pending)",
-                    s.input.len()
-                )
-            };
-            s.core.handle_connection_lost(&why);
+            s.core
+                .handle_connection_lost(&warren_compat::transport::peer_closed(s.input.len()));
         } else if res == -libc::ENOBUFS {
             // The shard ran out of receive buffers; re-armed once some come back (or now, in
             // splice mode, which needs none).
