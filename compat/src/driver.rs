@@ -32,9 +32,10 @@ const TRANSMIT_CHUNK: usize = 256 * 1024;
 /// Largest chunk a stream task takes from the core per write to its local socket.
 const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Which local peer a stream task talks to; decides whose fault a socket error is.
+/// Which local peer a stream talks to; decides whose fault a socket error is. Both data planes
+/// use it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LocalEnd {
+pub enum LocalEnd {
     /// Server side: the visitor's connection.
     Visitor,
     /// Client side: the connection to the local service.
@@ -42,10 +43,19 @@ pub(crate) enum LocalEnd {
 }
 
 impl LocalEnd {
-    fn error_code(self) -> ResetCode {
+    /// The reset code a socket error on this end is reported with.
+    pub fn error_code(self) -> ResetCode {
         match self {
             LocalEnd::Visitor => ResetCode::VisitorError,
             LocalEnd::Service => ResetCode::ServiceError,
+        }
+    }
+
+    /// "visitor" or "service", for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LocalEnd::Visitor => "visitor",
+            LocalEnd::Service => "service",
         }
     }
 }

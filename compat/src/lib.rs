@@ -19,6 +19,7 @@ mod shard;
 mod short_io;
 pub mod transport;
 
+pub use driver::LocalEnd;
 pub use shard::{
     LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
     ShardSetConfig, ShardStats, Shards,

@@ -27,8 +27,8 @@ use tracing::{debug, info, warn};
 use warren_compat::congestion::LoopbackCc;
 use warren_compat::records::Tls13Records;
 use warren_compat::{
-    LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole, ShardCommand,
-    ShardStats,
+    LocalEnd, LocalService, Published, RouteBoard, SessionEnd, SessionHandoff, SessionRole,
+    ShardCommand, ShardStats,
 };
 use warren_proto::frame::{GoAwayCode, ResetCode, StreamId};
 use warren_proto::session::{Event, Readable, Role, Session, SessionConfig};
@@ -623,28 +623,6 @@ struct Listener {
     service: Arc<str>,
     armed: bool,
     closing: bool,
-}
-
-/// Which local peer a stream talks to; decides whose fault a socket error is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LocalEnd {
-    Visitor,
-    Service,
-}
-
-impl LocalEnd {
-    fn error_code(self) -> ResetCode {
-        match self {
-            LocalEnd::Visitor => ResetCode::VisitorError,
-            LocalEnd::Service => ResetCode::ServiceError,
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            LocalEnd::Visitor => "visitor",
-            LocalEnd::Service => "service",
-        }
-    }
 }
 
 /// A payload being spliced from a stream's pipe into the session socket, after its header.
