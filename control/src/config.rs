@@ -420,9 +420,12 @@ pub struct Tuning {
     pub busy_poll_us: u32,
     /// `busy_poll_other_cores`: while one shard busy-polls for its own traffic, a `SCHED_IDLE`
     /// thread spins on each other shard's core, io_uring only. Keeps every core of the process
-    /// awake between the hops of a request; it yields to any other thread. `true`, `false`, or
-    /// `"auto"` (default): a start-up probe turns them on only where a spinning core wakes
-    /// faster than an idle one.
+    /// awake between the hops of a request; it yields to any other thread. `true`, `false`,
+    /// `"occupy"` (no busy polls; while a shard's traffic is light, nice-19 threads occupy the
+    /// other shards' cores so that what a shard wakes runs on its core), or `"auto"` (default):
+    /// a start-up probe picks `true` where a spinning core wakes faster than an idle one,
+    /// `"occupy"` where a wake-up on one core costs at most half one across cores, else
+    /// `false`.
     pub busy_poll_other_cores: KeepAwake,
     /// `busy_poll_sched_idle`: a shard busy-polls as `SCHED_IDLE`, io_uring only (default
     /// true). Its core then counts as idle, so the threads its sends wake (the visitor's
@@ -683,23 +686,20 @@ impl<'t, 'e> TableReader<'t, 'e> {
         }
     }
 
-    /// `true`, `false` or `"auto"`.
+    /// `true`, `false`, `"auto"` or `"occupy"`.
     fn optional_keep_awake(&mut self, key: &'static str) -> Field<KeepAwake> {
+        const CHOICES: &str = "true, false, \"auto\" or \"occupy\"";
         match self.lookup(key, true) {
             None => Ok(None),
             Some(Value::Boolean(true)) => Ok(Some(KeepAwake::On)),
             Some(Value::Boolean(false)) => Ok(Some(KeepAwake::Off)),
             Some(Value::String(s)) if s == "auto" => Ok(Some(KeepAwake::Auto)),
+            Some(Value::String(s)) if s == "occupy" => Ok(Some(KeepAwake::Occupy)),
             Some(Value::String(s)) => {
-                self.error(
-                    key,
-                    format!("{s:?} is not a choice (expected true, false or \"auto\")"),
-                );
+                self.error(key, format!("{s:?} is not a choice (expected {CHOICES})"));
                 Err(Invalid)
             }
-            Some(other) => {
-                Err(self.wrong_type(self.key_path(key), "true, false or \"auto\"", other))
-            }
+            Some(other) => Err(self.wrong_type(self.key_path(key), CHOICES, other)),
         }
     }
 
@@ -2124,7 +2124,7 @@ local_addr = "127.0.0.1:22"
                 "client.tuning.pipe_size_bytes: 33554432 is out of range (expected 4096 to 16777216)",
                 "client.tuning.pipe_pool_size: 65537 is out of range (expected 0 to 65536)",
                 "client.tuning.busy_poll_us: 10001 is out of range (expected 0 to 10000)",
-                "client.tuning.busy_poll_other_cores: expected true, false or \"auto\", found an integer",
+                "client.tuning.busy_poll_other_cores: expected true, false, \"auto\" or \"occupy\", found an integer",
                 "client.tuning.busy_poll_sched_idle: expected a boolean, found a string",
                 "client.tuning.loopback_congestion_control: \"BBR 2\" is not an algorithm name (lowercase letters, digits, '_' and '-')",
             ]
@@ -2153,7 +2153,7 @@ local_addr = "127.0.0.1:22"
     }
 
     #[test]
-    fn busy_poll_other_cores_takes_true_false_or_auto() {
+    fn busy_poll_other_cores_takes_true_false_auto_or_occupy() {
         let tuned = |line: &str| format!("{CLIENT}[client.tuning]\n{line}\n");
         let keep = |line: &str| {
             parse_config(&tuned(line))
@@ -2167,6 +2167,10 @@ local_addr = "127.0.0.1:22"
         assert_eq!(keep("busy_poll_other_cores = true"), KeepAwake::On);
         assert_eq!(keep("busy_poll_other_cores = false"), KeepAwake::Off);
         assert_eq!(keep("busy_poll_other_cores = \"auto\""), KeepAwake::Auto);
+        assert_eq!(
+            keep("busy_poll_other_cores = \"occupy\""),
+            KeepAwake::Occupy
+        );
         assert_eq!(keep("busy_poll_us = 20"), KeepAwake::Auto);
         let lines: Vec<String> = errors_of(&tuned("busy_poll_other_cores = \"yes\""))
             .iter()
@@ -2174,11 +2178,16 @@ local_addr = "127.0.0.1:22"
             .collect();
         assert_eq!(
             lines,
-            ["client.tuning.busy_poll_other_cores: \"yes\" is not a choice (expected true, false or \"auto\")"]
+            ["client.tuning.busy_poll_other_cores: \"yes\" is not a choice (expected true, false, \"auto\" or \"occupy\")"]
         );
-        for k in [KeepAwake::Auto, KeepAwake::On, KeepAwake::Off] {
+        for k in [
+            KeepAwake::Auto,
+            KeepAwake::On,
+            KeepAwake::Occupy,
+            KeepAwake::Off,
+        ] {
             let line = match k {
-                KeepAwake::Auto => "busy_poll_other_cores = \"auto\"".to_string(),
+                KeepAwake::Auto | KeepAwake::Occupy => format!("busy_poll_other_cores = \"{k}\""),
                 _ => format!("busy_poll_other_cores = {k}"),
             };
             assert_eq!(keep(&line), k, "{line} reads back as itself");

@@ -722,8 +722,10 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
     if !require_uring() {
         return;
     }
-    for along in [true, false] {
-        let tuning = format!("busy_poll_us = 200\nbusy_poll_other_cores = {along}");
+    for mode in ["true", "\"occupy\"", "false"] {
+        let along = mode != "false";
+        let occupy = mode == "\"occupy\"";
+        let tuning = format!("busy_poll_us = 200\nbusy_poll_other_cores = {mode}");
         let p = warren::loopback::Pair::start(PairSpec {
             services: &[("echo", echo_service().await)],
             shards: 2,
@@ -810,10 +812,24 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
             let (srv_spun, cli_spun) = spun();
             assert!(
                 srv_spun > 0 && cli_spun > 0,
-                "after {trips} round trips no other core was kept awake: server {srv:?} \
+                "{mode}: after {trips} round trips no other core was kept awake: server {srv:?} \
                  (shard {busy} has the visitor), client {cli:?}, before them {srv0:?} / {cli0:?}"
             );
-        } else {
+        }
+        if occupy {
+            // Occupying: the shards never busy-poll themselves, and the threads that occupy
+            // the other cores run at nice 19.
+            let own = p.server.shards().total(|s| &s.idle_class_polls)
+                + p.client.shards().total(|s| &s.idle_class_polls);
+            assert_eq!(own, 0, "occupy: {own} busy polls of the shards themselves");
+            let nices = awake_thread_nices();
+            assert_eq!(nices.len(), 4, "two keep-awake threads per side: {nices:?}");
+            assert!(
+                nices.iter().all(|n| *n == 19),
+                "occupy: nice values {nices:?}"
+            );
+        }
+        if !along {
             assert_eq!(
                 (srv, cli),
                 (vec![0, 0], vec![0, 0]),
@@ -823,6 +839,25 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
         drop(s);
         p.shutdown().await;
     }
+}
+
+/// The nice values of this process's keep-awake threads (named `<role>-awake-<i>`).
+fn awake_thread_nices() -> Vec<i64> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if !comm.contains("-awake-") {
+                return None;
+            }
+            // Field 19 of stat is the nice value; the command name before it may hold spaces,
+            // so count from the closing parenthesis.
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            rest.split(' ').nth(16)?.parse().ok()
+        })
+        .collect()
 }
 
 /// With `busy_poll_sched_idle` (the default) the shards busy-poll as `SCHED_IDLE`, so the

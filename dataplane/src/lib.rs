@@ -52,16 +52,22 @@ pub enum KeepAwake {
     Auto,
     /// Always (with more than one shard and `busy_poll_us` > 0).
     On,
+    /// Occupy the other shards' cores with nice-19 spinners while a shard serves light traffic
+    /// (and for 1 ms after), and do not busy-poll, so that the threads a shard wakes stay on its
+    /// core (with more than one shard and `busy_poll_us` > 0). `Auto` picks it where a wake-up
+    /// on one core is much cheaper than one across cores.
+    Occupy,
     /// Never.
     Off,
 }
 
 impl KeepAwake {
-    /// The TOML spelling: `"auto"`, `true`, `false`.
+    /// The TOML spelling: `"auto"`, `true`, `"occupy"`, `false`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeepAwake::Auto => "auto",
             KeepAwake::On => "true",
+            KeepAwake::Occupy => "occupy",
             KeepAwake::Off => "false",
         }
     }

@@ -153,6 +153,8 @@ class Warren(System):
     # busy_poll_us = 0 (sleep as soon as the ring is empty). "ownpoll": busy_poll_other_cores =
     # false (only the shards with traffic poll; the others sleep). "awake": busy_poll_other_cores =
     # true (keep-awake threads whatever the start-up probe would say; the default is "auto").
+    # "occupy": busy_poll_other_cores = "occupy" (no busy polls; nice-19 threads occupy the other
+    # shards' cores during light traffic).
     # "poll100", "poll200":
     # busy_poll_us = 100 / 200. "otherpoll": busy_poll_sched_idle = false (busy polls run as
     # SCHED_OTHER, so threads the shard wakes are placed on other cores). "rustls":
@@ -166,6 +168,8 @@ class Warren(System):
                     ["busy_poll_other_cores = false"]),
         "awake": ("busy_poll_other_cores = true", ["busy_poll_other_cores = true"],
                   ["busy_poll_other_cores = true"]),
+        "occupy": ("busy_poll_other_cores = \"occupy\"", ["busy_poll_other_cores = \"occupy\""],
+                   ["busy_poll_other_cores = \"occupy\""]),
         "poll100": ("busy_poll_us = 100", ["busy_poll_us = 100"], ["busy_poll_us = 100"]),
         "poll200": ("busy_poll_us = 200", ["busy_poll_us = 200"], ["busy_poll_us = 200"]),
         "otherpoll": ("busy_poll_sched_idle = false", ["busy_poll_sched_idle = false"],
@@ -503,7 +507,7 @@ def all_systems(ctx):
             Warren(ctx, "tls", "compat"), Warren(ctx, "tcp", "uring", "warren_mimalloc"),
             Warren(ctx, "tcp", variant="spread"), Warren(ctx, "tls", variant="spread"),
             Warren(ctx, "tcp", variant="nopoll"), Warren(ctx, "tcp", variant="ownpoll"),
-            Warren(ctx, "tcp", variant="awake"),
+            Warren(ctx, "tcp", variant="awake"), Warren(ctx, "tcp", variant="occupy"),
             Warren(ctx, "tcp", variant="poll100"), Warren(ctx, "tcp", variant="poll200"),
             Warren(ctx, "tcp", variant="otherpoll"),
             Warren(ctx, "tls", variant="rustls"), Warren(ctx, "tcp", variant="syscc"),

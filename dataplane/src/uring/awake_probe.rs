@@ -14,9 +14,13 @@
 //!
 //! So the shard set measures it once at start: two threads pinned to two of the shards' cores
 //! ping-pong over blocking eventfds, in interleaved blocks with the far core idle and with a
-//! `SCHED_IDLE` `sched_yield` spinner on it (what a keep-awake thread does). Keep-awake threads
-//! run only if the spinner makes the round trip clearly faster. About 600 round trips: a few
-//! tens of milliseconds.
+//! `SCHED_IDLE` `sched_yield` spinner on it (what a keep-awake thread does); then two threads on
+//! one core. Keep-awake threads spin as `SCHED_IDLE` if the spinner makes the cross-core round
+//! trip clearly faster. If it does not, but the round trip on one core costs at most half the
+//! cross-core one, they occupy the other cores instead (`AwakeMode::Occupy` in the shard: a nice
+//! 19 spinner, so that the scheduler keeps a woken thread on its waker's core; measured on the
+//! AMD host in perf/results/2026-12-07-occupy/). Otherwise none run. About 1,200 round trips: a
+//! few tens of milliseconds.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -33,14 +37,19 @@ const BLOCKS: usize = 12;
 const WARM: usize = 5;
 /// The spinner must cut the median round trip to at most this fraction of the idle one.
 const HELPS_BELOW: f64 = 0.9;
+/// A round trip between two threads on one core must be at most this fraction of the faster
+/// cross-core one for occupying the other cores to pay.
+const LOCAL_BELOW: f64 = 0.5;
 /// A round trip longer than this means the probe itself is stuck: give up.
 const STUCK: Duration = Duration::from_secs(1);
 
-/// What the probe measured: median cross-core round trips.
+/// What the probe measured: median round trips across cores (far core idle, or running a
+/// `SCHED_IDLE` spinner) and between two threads on one core.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AwakeProbe {
     pub(crate) idle: Duration,
     pub(crate) spinning: Duration,
+    pub(crate) local: Duration,
 }
 
 impl AwakeProbe {
@@ -48,12 +57,33 @@ impl AwakeProbe {
     pub(crate) fn helps(&self) -> bool {
         self.spinning.as_secs_f64() < self.idle.as_secs_f64() * HELPS_BELOW
     }
+
+    /// A wake-up on the waker's own core is much cheaper than one across cores, idle or
+    /// spinning: then a chain of threads that wake each other is fastest on one core, and
+    /// occupying the other cores (so the scheduler keeps a woken thread on its waker's core)
+    /// pays.
+    pub(crate) fn local_pays(&self) -> bool {
+        let cross = self.idle.min(self.spinning).as_secs_f64();
+        self.local.as_secs_f64() < cross * LOCAL_BELOW
+    }
 }
 
-/// Measures cross-core round trips between `near` and `far` with `far` idle and with a
-/// `SCHED_IDLE` spinner on it. Errors name what failed (thread, pinning, eventfd, a stuck
-/// round trip).
+/// Measures round trips between `near` and `far` with `far` idle and with a `SCHED_IDLE`
+/// spinner on it, then between two threads on `near`. Errors name what failed (thread,
+/// pinning, eventfd, a stuck round trip).
 pub(crate) fn measure(near: usize, far: usize) -> Result<AwakeProbe, String> {
+    let (idle, spinning) = ping_pong(near, far, true)?;
+    let (local, _) = ping_pong(near, near, false)?;
+    Ok(AwakeProbe {
+        idle,
+        spinning,
+        local,
+    })
+}
+
+/// Median round trips from a thread on `near` to one on `far` and back: (far idle, far running
+/// a spinner). Without `with_spinner` every block is an idle one and the second is zero.
+fn ping_pong(near: usize, far: usize, with_spinner: bool) -> Result<(Duration, Duration), String> {
     let ping: Arc<OwnedFd> =
         Arc::new(sys::eventfd_blocking().map_err(|e| format!("eventfd: {e}"))?);
     let pong: Arc<OwnedFd> =
@@ -79,7 +109,7 @@ pub(crate) fn measure(near: usize, far: usize) -> Result<AwakeProbe, String> {
             })
             .map_err(|e| format!("spawning the probe thread: {e}"))?
     };
-    let result = run_blocks(near, far, &ping, &pong);
+    let result = run_blocks(near, far, with_spinner, &ping, &pong);
     stop.store(true, Ordering::SeqCst);
     sys::eventfd_wake(ping.as_raw_fd());
     let echoed = echo
@@ -94,19 +124,20 @@ pub(crate) fn measure(near: usize, far: usize) -> Result<AwakeProbe, String> {
 fn run_blocks(
     near: usize,
     far: usize,
+    with_spinner: bool,
     ping: &OwnedFd,
     pong: &OwnedFd,
-) -> Result<AwakeProbe, String> {
+) -> Result<(Duration, Duration), String> {
     let (ping, pong) = (ping.as_raw_fd(), pong.as_raw_fd());
     std::thread::scope(|s| {
-        s.spawn(move || -> Result<AwakeProbe, String> {
+        s.spawn(move || -> Result<(Duration, Duration), String> {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: near }) {
                 return Err(format!("cannot pin to CPU {near}"));
             }
             let mut idle = Vec::with_capacity(BLOCK * BLOCKS / 2);
             let mut spinning = Vec::with_capacity(BLOCK * BLOCKS / 2);
             for block in 0..BLOCKS {
-                let spin = block % 2 == 1;
+                let spin = with_spinner && block % 2 == 1;
                 let spinner = spin.then(|| Spinner::start(far)).transpose()?;
                 for i in 0..WARM + BLOCK {
                     let t0 = clock::now();
@@ -124,10 +155,7 @@ fn run_blocks(
                     s.stop();
                 }
             }
-            Ok(AwakeProbe {
-                idle: median(&mut idle),
-                spinning: median(&mut spinning),
-            })
+            Ok((median(&mut idle), median(&mut spinning)))
         })
         .join()
         .map_err(|_| "the probe thread panicked".to_string())?
@@ -232,24 +260,37 @@ mod tests {
             }
         };
         let p = measure(near, far).expect("the probe runs");
-        eprintln!("CPU {near} -> CPU {far}: {p:?}, helps: {}", p.helps());
+        eprintln!(
+            "CPU {near} -> CPU {far}: {p:?}, helps: {}, local pays: {}",
+            p.helps(),
+            p.local_pays()
+        );
         assert!(p.idle > Duration::ZERO && p.idle < STUCK, "{p:?}");
         assert!(p.spinning > Duration::ZERO && p.spinning < STUCK, "{p:?}");
-        // The decision is a pure function of the two medians.
-        let faster = AwakeProbe {
-            idle: Duration::from_micros(85),
-            spinning: Duration::from_micros(66),
+        assert!(p.local > Duration::ZERO && p.local < STUCK, "{p:?}");
+        // The decisions are pure functions of the three medians.
+        let us = |idle, spinning, local| AwakeProbe {
+            idle: Duration::from_micros(idle),
+            spinning: Duration::from_micros(spinning),
+            local: Duration::from_micros(local),
         };
-        let slower = AwakeProbe {
-            idle: Duration::from_micros(30),
-            spinning: Duration::from_micros(38),
-        };
-        let even = AwakeProbe {
-            idle: Duration::from_micros(30),
-            spinning: Duration::from_micros(29),
-        };
-        assert!(faster.helps());
-        assert!(!slower.helps());
-        assert!(!even.helps(), "within 10% is not worth a spinning thread");
+        assert!(us(85, 66, 40).helps());
+        assert!(!us(30, 38, 8).helps());
+        assert!(
+            !us(30, 29, 8).helps(),
+            "within 10% is not worth a spinning thread"
+        );
+        assert!(
+            us(30, 38, 8).local_pays(),
+            "8 µs on one core against 30 across"
+        );
+        assert!(
+            !us(30, 38, 16).local_pays(),
+            "a local wake-up must cost at most half the cheaper cross-core one"
+        );
+        assert!(
+            !us(85, 12, 8).local_pays(),
+            "a spinner makes cross-core cheap enough"
+        );
     }
 }

@@ -377,13 +377,16 @@ impl ShardSet {
             })
             .collect();
         let core_of = |i: usize| cores[i % cores.len()];
-        let keep_awake = count > 1
-            && !cfg.busy_poll.is_zero()
-            && match cfg.busy_poll_other_cores {
-                KeepAwake::On => true,
-                KeepAwake::Off => false,
+        let awake_mode = if count > 1 && !cfg.busy_poll.is_zero() {
+            match cfg.busy_poll_other_cores {
+                KeepAwake::On => AwakeMode::Spin,
+                KeepAwake::Occupy => AwakeMode::Occupy,
+                KeepAwake::Off => AwakeMode::Off,
                 KeepAwake::Auto => auto_keep_awake(cfg.shards.name, core_of(0), core_of(1)),
-            };
+            }
+        } else {
+            AwakeMode::Off
+        };
         let mut cfg = cfg;
         if cfg.busy_poll_sched_idle && !cfg.busy_poll.is_zero() {
             if let Err(why) = sys::idle_class_reversible() {
@@ -397,7 +400,7 @@ impl ShardSet {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for i in 0..count {
             let core = core_of(i);
-            if keep_awake {
+            if awake_mode != AwakeMode::Off {
                 let (mailboxes, stats) = (mailboxes.clone(), stats[i].clone());
                 let t = std::thread::Builder::new()
                     .name(format!("{}-awake-{i}", cfg.shards.name))
@@ -406,7 +409,7 @@ impl ShardSet {
                         if let Some(core) = core {
                             core_affinity::set_for_current(core);
                         }
-                        keep_core_awake(i, &mailboxes, poll_clock, &stats);
+                        keep_core_awake(i, awake_mode, &mailboxes, poll_clock, &stats);
                     })?;
                 awake.push(t);
             }
@@ -417,7 +420,7 @@ impl ShardSet {
                 stats: stats[i].clone(),
                 board: board.clone(),
                 cfg: cfg.clone(),
-                keep_awake,
+                awake: awake_mode,
                 flags: probe.setup,
             };
             let ready = ready_tx.clone();
@@ -502,7 +505,7 @@ fn auto_keep_awake(
     role: &str,
     a: Option<core_affinity::CoreId>,
     b: Option<core_affinity::CoreId>,
-) -> bool {
+) -> AwakeMode {
     keep_awake_by_probe(role, a, b, awake_probe::measure)
 }
 
@@ -512,47 +515,88 @@ fn keep_awake_by_probe(
     a: Option<core_affinity::CoreId>,
     b: Option<core_affinity::CoreId>,
     measure: impl FnOnce(usize, usize) -> Result<awake_probe::AwakeProbe, String>,
-) -> bool {
+) -> AwakeMode {
     let (Some(a), Some(b)) = (a, b) else {
         info!(
             role,
             "no keep-awake threads (busy_poll_other_cores = auto): shards are not pinned"
         );
-        return false;
+        return AwakeMode::Off;
     };
     if a.id == b.id {
         info!(
             role,
             "no keep-awake threads (busy_poll_other_cores = auto): the shards share CPU {}", a.id
         );
-        return false;
+        return AwakeMode::Off;
     }
     match measure(a.id, b.id) {
         Ok(p) => {
-            let on = p.helps();
+            let mode = if p.helps() {
+                AwakeMode::Spin
+            } else if p.local_pays() {
+                AwakeMode::Occupy
+            } else {
+                AwakeMode::Off
+            };
             info!(
                 role,
                 idle_us = p.idle.as_secs_f64() * 1e6,
                 spinning_us = p.spinning.as_secs_f64() * 1e6,
-                "keep-awake threads {} (busy_poll_other_cores = auto): a wake-up round trip from CPU {} to CPU {} took {:.1} µs with CPU {} idle and {:.1} µs with a SCHED_IDLE spinner on it",
-                if on { "on" } else { "off" },
+                local_us = p.local.as_secs_f64() * 1e6,
+                "keep-awake threads {} (busy_poll_other_cores = auto): a wake-up round trip from CPU {} to CPU {} took {:.1} µs with CPU {} idle and {:.1} µs with a SCHED_IDLE spinner on it, {:.1} µs on CPU {} alone",
+                mode.describe(),
                 a.id,
                 b.id,
                 p.idle.as_secs_f64() * 1e6,
                 b.id,
                 p.spinning.as_secs_f64() * 1e6,
+                p.local.as_secs_f64() * 1e6,
+                a.id,
             );
-            on
+            mode
         }
         Err(e) => {
             info!(
                 role,
                 "no keep-awake threads (busy_poll_other_cores = auto): the probe failed: {e}"
             );
-            false
+            AwakeMode::Off
         }
     }
 }
+
+/// What the keep-awake threads do, resolved from `busy_poll_other_cores` at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AwakeMode {
+    /// None run.
+    Off,
+    /// While a shard busy-polls for light traffic, they spin as `SCHED_IDLE` on the other
+    /// shards' cores, so those do not halt and count as idle when a woken thread is placed.
+    Spin,
+    /// Shards do not busy-poll; while one serves light traffic (and for `OCCUPY_WINDOW` after
+    /// its last completion) they spin at nice 19 on the other shards' cores. A core running a
+    /// normal-class thread is not idle to the scheduler, so a thread woken by a shard's send
+    /// (a synchronous socket wake-up) stays on that shard's core, where the hand-off costs a
+    /// context switch instead of a cross-core wake-up; and nice 19 gives the core to any real
+    /// work there (weight 15 against 1,024, and a `sched_yield` every turn).
+    Occupy,
+}
+
+impl AwakeMode {
+    fn describe(self) -> &'static str {
+        match self {
+            AwakeMode::Off => "off",
+            AwakeMode::Spin => "on (SCHED_IDLE spinners)",
+            AwakeMode::Occupy => "on (occupying the other cores at nice 19)",
+        }
+    }
+}
+
+/// How long after a light shard's last completion the other cores stay occupied
+/// (`AwakeMode::Occupy`). Longer than a request/response round trip through a tunnel on one
+/// host (~70-90 µs) with room for a client's think time.
+const OCCUPY_WINDOW: Duration = Duration::from_millis(1);
 
 /// The keep-awake thread of shard `index`'s core (`busy_poll_other_cores`). It runs as
 /// `SCHED_IDLE`, so it gets the core only when nothing else wants it, and the scheduler counts
@@ -562,12 +606,23 @@ fn keep_awake_by_probe(
 /// threads that stream wakes (the load generator, the backend, the other end of a loopback
 /// session) are woken on a core that is running, not on a halted vCPU (~30 µs on the VM the
 /// results were measured on). A shard's own busy poll outranks it on its core.
-fn keep_core_awake(index: usize, mailboxes: &[Mailbox], clock: PollClock, stats: &ShardStats) {
-    if let Err(e) = sys::set_idle_class(true) {
-        // Without SCHED_IDLE the spin would compete with real work: do not run.
+fn keep_core_awake(
+    index: usize,
+    mode: AwakeMode,
+    mailboxes: &[Mailbox],
+    clock: PollClock,
+    stats: &ShardStats,
+) {
+    let lowered = if mode == AwakeMode::Occupy {
+        sys::set_thread_nice(19).map_err(|e| format!("nice 19: {e}"))
+    } else {
+        sys::set_idle_class(true).map_err(|e| format!("SCHED_IDLE: {e}"))
+    };
+    if let Err(e) = lowered {
+        // Without its low priority the spin would compete with real work: do not run.
         warn!(
             shard = index,
-            "no SCHED_IDLE for the keep-awake thread ({e}): other cores may halt during busy polls"
+            "keep-awake thread not started ({e}): other cores may halt during light traffic"
         );
         return;
     }
@@ -608,8 +663,8 @@ struct Context {
     stats: Arc<ShardStats>,
     board: Arc<RouteBoard>,
     cfg: UringConfig,
-    /// Keep-awake threads run (`busy_poll_other_cores`, resolved at start).
-    keep_awake: bool,
+    /// What the keep-awake threads do (`busy_poll_other_cores`, resolved at start).
+    awake: AwakeMode,
     flags: SetupFlags,
 }
 
@@ -897,8 +952,11 @@ struct Shard {
     /// When the last completion other than a mailbox wake arrived (drives `busy_poll`).
     last_io: Instant,
     /// Publish this shard's busy polls and kick the other cores' keep-awake threads: the
-    /// shard set runs them (`Context::keep_awake`, never with one shard).
+    /// shard set runs them (`Context::awake`, never with one shard).
     publish_polls: bool,
+    /// `AwakeMode::Occupy`: no busy poll of its own; light traffic keeps the other cores
+    /// occupied instead.
+    occupy: bool,
     /// Time base of `Mailbox::poll_until`.
     poll_clock: PollClock,
     /// Free slots of the registered-file table (empty when the kernel refused the table).
@@ -941,7 +999,8 @@ impl Shard {
             );
         }
         let busy_poll = ctx.cfg.busy_poll;
-        let publish_polls = ctx.keep_awake;
+        let publish_polls = ctx.awake != AwakeMode::Off;
+        let occupy = ctx.awake == AwakeMode::Occupy;
         let sched_idle = ctx.cfg.busy_poll_sched_idle && !busy_poll.is_zero();
         // A sparse registered-file table for the long-lived sockets. Without it (old kernel,
         // RLIMIT_NOFILE below the table size) every op uses plain fds.
@@ -992,6 +1051,7 @@ impl Shard {
             busy_poll,
             last_io: clock::now(),
             publish_polls,
+            occupy,
             poll_clock: ctx.poll_clock,
             fixed_free,
             bulk: BulkMeter::new(clock::now()),
@@ -1055,7 +1115,14 @@ impl Shard {
             if self.publish_polls && mb.light.load(Ordering::Relaxed) != few_streams {
                 mb.light.store(few_streams, Ordering::Relaxed);
             }
-            if !has_ready && light && !self.busy_poll.is_zero() {
+            if self.occupy {
+                // No poll of its own: the other cores stay occupied while this shard's traffic
+                // is light, so what its sends wake runs on this core.
+                let until = self.last_io + OCCUPY_WINDOW;
+                if !has_ready && light && now < until {
+                    self.publish_poll(now, until);
+                }
+            } else if !has_ready && light && !self.busy_poll.is_zero() {
                 let until = self.last_io + self.busy_poll;
                 if self.publish_polls && now < until {
                     self.publish_poll(now, until);
@@ -3829,10 +3896,11 @@ mod tests {
     }
     use core_affinity::CoreId;
 
-    fn probe(idle_us: u64, spinning_us: u64) -> Result<AwakeProbe, String> {
+    fn probe(idle_us: u64, spinning_us: u64, local_us: u64) -> Result<AwakeProbe, String> {
         Ok(AwakeProbe {
             idle: Duration::from_micros(idle_us),
             spinning: Duration::from_micros(spinning_us),
+            local: Duration::from_micros(local_us),
         })
     }
 
@@ -3841,24 +3909,35 @@ mod tests {
         let (c0, c1) = (Some(CoreId { id: 0 }), Some(CoreId { id: 1 }));
         // The probe runs between the first two shards' cores and decides.
         let mut asked = None;
-        let on = keep_awake_by_probe("test", c0, c1, |a, b| {
+        let mode = keep_awake_by_probe("test", c0, c1, |a, b| {
             asked = Some((a, b));
-            probe(85, 66)
+            probe(85, 66, 40)
         });
-        assert!(
-            on,
+        assert_eq!(
+            mode,
+            AwakeMode::Spin,
             "a spinner that cuts the round trip to 78% turns them on"
         );
         assert_eq!(asked, Some((0, 1)));
-        assert!(!keep_awake_by_probe("test", c0, c1, |_, _| probe(30, 38)));
-        assert!(!keep_awake_by_probe("test", c0, c1, |_, _| Err(
-            "no answer".into()
-        )));
+        // The AMD host: a spinner does not help, a wake-up on one core is much cheaper.
+        assert_eq!(
+            keep_awake_by_probe("test", c0, c1, |_, _| probe(30, 38, 8)),
+            AwakeMode::Occupy
+        );
+        // Neither pays.
+        assert_eq!(
+            keep_awake_by_probe("test", c0, c1, |_, _| probe(30, 38, 20)),
+            AwakeMode::Off
+        );
+        assert_eq!(
+            keep_awake_by_probe("test", c0, c1, |_, _| Err("no answer".into())),
+            AwakeMode::Off
+        );
         // No probe at all when the shards share a core or are not pinned.
         let never =
             |_: usize, _: usize| -> Result<AwakeProbe, String> { panic!("the probe must not run") };
-        assert!(!keep_awake_by_probe("test", c0, c0, never));
-        assert!(!keep_awake_by_probe("test", None, c1, never));
-        assert!(!keep_awake_by_probe("test", c0, None, never));
+        assert_eq!(keep_awake_by_probe("test", c0, c0, never), AwakeMode::Off);
+        assert_eq!(keep_awake_by_probe("test", None, c1, never), AwakeMode::Off);
+        assert_eq!(keep_awake_by_probe("test", c0, None, never), AwakeMode::Off);
     }
 }

@@ -220,6 +220,14 @@ pub(crate) fn set_idle_class(idle: bool) -> io::Result<()> {
     cvt(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(drop)
 }
 
+/// Sets the calling thread's nice value (raising it is always allowed).
+pub(crate) fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's id; the kernel checks the value.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }).map(drop)
+}
+
 /// Whether a thread of this process may enter `SCHED_IDLE` and come back to `SCHED_OTHER`.
 /// Coming back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows the thread's nice value
 /// (20 for nice 0; systemd: `LimitNICE=+0`). Tried on a throwaway thread, so a refusal strands
