@@ -387,6 +387,21 @@ impl ShardSet {
         } else {
             AwakeMode::Off
         };
+        // Occupying spinners must be able to lower their priority, or they would compete with
+        // real work; the shards do not poll in that mode, so without them fall back to polls.
+        let awake_mode = match awake_mode {
+            AwakeMode::Occupy => match sys::nice_allowed() {
+                Ok(()) => AwakeMode::Occupy,
+                Err(why) => {
+                    warn!(
+                        role = %cfg.shards.name,
+                        "not occupying the other cores (a thread may not lower its priority: {why}); shards busy-poll instead"
+                    );
+                    AwakeMode::Off
+                }
+            },
+            mode => mode,
+        };
         let mut cfg = cfg;
         if cfg.busy_poll_sched_idle && !cfg.busy_poll.is_zero() {
             if let Err(why) = sys::idle_class_reversible() {

@@ -228,6 +228,18 @@ pub(crate) fn set_thread_nice(nice: i32) -> io::Result<()> {
     cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }).map(drop)
 }
 
+/// Whether a thread of this process may set its nice value to 19 (seccomp could refuse
+/// `setpriority`). Tried on a throwaway thread; the error names what refused.
+pub(crate) fn nice_allowed() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("warren-nice-probe".into())
+        .stack_size(64 * 1024)
+        .spawn(|| set_thread_nice(19).map_err(|e| format!("setpriority(19): {e}")))
+        .map_err(|e| format!("spawning the probe thread: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("the probe thread panicked".into()))
+}
+
 /// Whether a thread of this process may enter `SCHED_IDLE` and come back to `SCHED_OTHER`.
 /// Coming back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows the thread's nice value
 /// (20 for nice 0; systemd: `LimitNICE=+0`). Tried on a throwaway thread, so a refusal strands
