@@ -10,7 +10,8 @@
 # process, PREC=1 `perf record -a -g` for 2 s of it. LOAD=connrate runs `warren-load connrate
 # --total $TOTAL (20000) --concurrency 16` instead of rr and prints conn/s (PREC then starts
 # 0.3 s in). SX / CX add tuning lines to the server's / the client's table only; SENV / CENV are
-# environment assignments (VAR=value ...) for the server / the client alone. Output under
+# environment assignments (VAR=value ...) for the server / the client alone. THREADS=1 prints
+# the CPU time and last CPU of every shard and keep-awake thread at the end. Output under
 # /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
@@ -74,4 +75,8 @@ else
   python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
 fi
 [ -n "$SP" ] && wait $SP
+if [ -n "$THREADS" ]; then
+  for p in $SRV $CLI; do for t in /proc/$p/task/*; do
+    awk -v c="$(cat $t/comm)" '{print "  " c, "cpu_ms=" ($14+$15)*10, "last_cpu=" $39}' $t/stat; done; done | grep -E "uring|awake"
+fi
 kill $CLI $SRV $SINK $S2 $S3; wait 2>/dev/null
