@@ -822,11 +822,12 @@ async fn the_other_cores_are_kept_awake_during_a_busy_poll_only_when_asked_uring
             let own = p.server.shards().total(|s| &s.idle_class_polls)
                 + p.client.shards().total(|s| &s.idle_class_polls);
             assert_eq!(own, 0, "occupy: {own} busy polls of the shards themselves");
+            // Other tests of this binary may run pairs of their own meanwhile, so count: this
+            // pair's four (two per side) must be among those at nice 19.
             let nices = awake_thread_nices();
-            assert_eq!(nices.len(), 4, "two keep-awake threads per side: {nices:?}");
             assert!(
-                nices.iter().all(|n| *n == 19),
-                "occupy: nice values {nices:?}"
+                nices.iter().filter(|n| **n == 19).count() >= 4,
+                "occupy: keep-awake nice values {nices:?}"
             );
         }
         if !along {
