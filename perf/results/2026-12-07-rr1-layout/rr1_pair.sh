@@ -11,7 +11,9 @@
 # --total $TOTAL (20000) --concurrency 16` instead of rr and prints conn/s (PREC then starts
 # 0.3 s in). SX / CX add tuning lines to the server's / the client's table only; SENV / CENV are
 # environment assignments (VAR=value ...) for the server / the client alone. THREADS=1 prints
-# the CPU time and last CPU of every shard and keep-awake thread at the end. Output under
+# the CPU time and last CPU of every shard and keep-awake thread at the end. PRE_BULK=1 (with
+# ALL3=1) first sends 10 x 100 MiB through the sink service, as perf/compare's bulk-10x runs
+# before rr-1. Output under
 # /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
@@ -71,6 +73,7 @@ if [ "$LOAD" = connrate ]; then
   $W/warren-load -q connrate --target 127.0.0.1:47001 --total ${TOTAL:-20000} --concurrency 16 > $D/rr.json
   python3 -c "import json;j=json.load(open('$D/rr.json'));print('connrate', round(j['rps']), 'p50', j['latency_us'].get('p50'))"
 else
+  if [ -n "$PRE_BULK" ]; then $W/warren-load -q bulk --target 127.0.0.1:47011 --streams 10 --bytes 100MiB --direction up > /dev/null; fi
   $W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
   python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
 fi
