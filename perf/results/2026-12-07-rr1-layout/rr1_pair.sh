@@ -67,7 +67,7 @@ if [ -n "$PREC" ]; then
   ( sleep $AT; perf record -a -g -o $D/perf.data -- sleep 2 > /dev/null 2>&1 ) & SP=$!
 fi
 if [ -n "$SCHED" ]; then
-  ( sleep 2; perf sched record -o $D/sched.data -- sleep 1 > /dev/null 2>&1 ) & SP=$!
+  ( sleep ${SCHED_AT:-2}; perf sched record -o $D/sched.data -- sleep ${SCHED_SECS:-1} > /dev/null 2>&1 ) & SP=$!
 fi
 if [ "$LOAD" = connrate ]; then
   $W/warren-load -q connrate --target 127.0.0.1:47001 --total ${TOTAL:-20000} --concurrency 16 > $D/rr.json
