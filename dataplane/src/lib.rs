@@ -40,14 +40,16 @@ pub fn sched_idle_probe() -> Result<(), String> {
     }
 }
 
-/// `busy_poll_other_cores`: when the shard set runs keep-awake threads on the other shards'
-/// cores during a busy poll.
+/// `busy_poll_other_cores`: whether and how the shard set runs keep-awake threads on the other
+/// shards' cores during light traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeepAwake {
     /// Measure at start (two pinned threads ping-pong across two shard cores, with the far core
-    /// idle and with a `SCHED_IDLE` spinner on it) and run them only if the spinner makes the
-    /// round trip at least 10% faster. Keep-awake threads helped on one VM host and hurt on
-    /// another (perf/results/2026-12-02-6d5e12e346/NOTES.md).
+    /// idle and with a `SCHED_IDLE` spinner on it, then on one core): `On` if the spinner makes
+    /// the round trip at least 10% faster, else `Occupy` if the one-core round trip is at most
+    /// half the cheaper cross-core one, else `Off`. `SCHED_IDLE` spinners helped on one VM host
+    /// and hurt on another (perf/results/2026-12-02-6d5e12e346/NOTES.md); occupying paid there
+    /// (perf/results/2026-12-07-occupy/).
     #[default]
     Auto,
     /// Always (with more than one shard and `busy_poll_us` > 0).

@@ -613,10 +613,13 @@ impl AwakeMode {
 /// host (~70-90 µs) with room for a client's think time.
 const OCCUPY_WINDOW: Duration = Duration::from_millis(1);
 
-/// The keep-awake thread of shard `index`'s core (`busy_poll_other_cores`). It runs as
-/// `SCHED_IDLE`, so it gets the core only when nothing else wants it, and the scheduler counts
-/// the core as idle when it places a woken thread. It sleeps on its eventfd; kicked by another
-/// shard that starts a busy poll, it spins (`sched_yield`) until no other shard polls any more.
+/// The keep-awake thread of shard `index`'s core (`busy_poll_other_cores`). With
+/// `AwakeMode::Spin` it runs as `SCHED_IDLE`, so it gets the core only when nothing else wants
+/// it, and the scheduler counts the core as idle when it places a woken thread; with
+/// `AwakeMode::Occupy` it runs at nice 19, so the core does not count as idle (see
+/// `AwakeMode`). It sleeps on its eventfd; kicked by another shard that starts a busy poll (or,
+/// occupying, a light-traffic window), it spins (`sched_yield`) until no other shard's window
+/// lies ahead.
 /// So while one shard polls for a light stream, the other cores of the process do not halt: the
 /// threads that stream wakes (the load generator, the backend, the other end of a loopback
 /// session) are woken on a core that is running, not on a halted vCPU (~30 µs on the VM the
@@ -1242,8 +1245,13 @@ impl Shard {
         let mine = &mailboxes[self.index].poll_until.0;
         // Only this thread stores it, so the load is what it last published.
         let published = mine.load(Ordering::Relaxed);
-        // Store at most every quarter poll window: the line is read by the other cores.
-        let step = u64::try_from(self.busy_poll.as_nanos() / 4).unwrap_or(u64::MAX);
+        // Store at most every quarter window: the line is read by the other cores.
+        let window = if self.occupy {
+            OCCUPY_WINDOW
+        } else {
+            self.busy_poll
+        };
+        let step = u64::try_from(window.as_nanos() / 4).unwrap_or(u64::MAX);
         if ns < published.saturating_add(step) {
             return;
         }
