@@ -13,7 +13,7 @@
 # environment assignments (VAR=value ...) for the server / the client alone. THREADS=1 prints
 # the CPU time and last CPU of every shard and keep-awake thread at the end. PRE_BULK=1 (with
 # ALL3=1) first sends 10 x 100 MiB through the sink service, as perf/compare's bulk-10x runs
-# before rr-1. Output under
+# before rr-1. LGCPU=n pins the rr load generator to cpu n (taskset). Output under
 # /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
@@ -74,7 +74,7 @@ if [ "$LOAD" = connrate ]; then
   python3 -c "import json;j=json.load(open('$D/rr.json'));print('connrate', round(j['rps']), 'p50', j['latency_us'].get('p50'))"
 else
   if [ -n "$PRE_BULK" ]; then $W/warren-load -q bulk --target 127.0.0.1:47011 --streams 10 --bytes 100MiB --direction up > /dev/null; fi
-  $W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
+  ${LGCPU:+taskset -c $LGCPU} $W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
   python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
 fi
 [ -n "$SP" ] && wait $SP
