@@ -141,7 +141,9 @@ def markdown(result, headline_only=False):
     L = []
     L.append("# perf/compare results\n")
     L.append(stamp_md(result) + "\n")
-    L.append(f"Loopback, {result['rounds']} round(s) with systems interleaved; each cell is the median "
+    how = ("each workload run through every system back to back (the order flips every round)"
+           if result.get("order") == "workload" else "systems interleaved")
+    L.append(f"Loopback, {result['rounds']} round(s), {how}; each cell is the median "
              f"(min–max) over rounds.{' QUICK MODE (tiny sizes).' if result['quick'] else ''}\n")
     if result["skipped"]:
         L.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) + "\n")
