@@ -4,4 +4,5 @@ import os
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib"))
 from common import wait_functional  # noqa: E402
-print("probes:", wait_functional({"echo": 47001, "sink": 47011, "http": 47021}, timeout=15))
+P = int(sys.argv[1]) if len(sys.argv) > 1 else 47000
+print("probes:", wait_functional({"echo": P + 1, "sink": P + 11, "http": P + 21}, timeout=15))

@@ -13,17 +13,19 @@
 # environment assignments (VAR=value ...) for the server / the client alone. THREADS=1 prints
 # the CPU time and last CPU of every shard and keep-awake thread at the end. PRE_BULK=1 (with
 # ALL3=1) first sends 10 x 100 MiB through the sink service, as perf/compare's bulk-10x runs
-# before rr-1. LGCPU=n pins the rr load generator to cpu n (taskset). Output under
+# before rr-1. PORT_BASE (47000) moves every port by the same offset; keep it outside
+# net.ipv4.ip_local_port_range, or an outgoing connection can hold a port first. LGCPU=n pins the rr load generator to cpu n (taskset). Output under
 # /tmp/exp/LABEL.
 set -e
 SID=${SETSID:+setsid}
 W=${WARREN_BIN_DIR:-/work/main/target/release}
 L=$1; shift
+P=${PORT_BASE:-47000}
 EXTRA="$*"
 D=/tmp/exp/$L; rm -rf $D; mkdir -p $D
 cat > $D/server.toml <<E2
 [server]
-bind_addr = "127.0.0.1:47000"
+bind_addr = "127.0.0.1:$((P))"
 transport = "tcp"
 state_dir = "$D/state"
 [server.clients.perf]
@@ -31,34 +33,34 @@ token = "0123456789abcdef0123456789abcdef"
 [server.tuning]
 $(echo -e "$EXTRA\n$SX")
 [server.services.echo]
-bind_addr = "127.0.0.1:47001"
+bind_addr = "127.0.0.1:$((P+1))"
 [server.services.sink]
-bind_addr = "127.0.0.1:47011"
+bind_addr = "127.0.0.1:$((P+11))"
 [server.services.http]
-bind_addr = "127.0.0.1:47021"
+bind_addr = "127.0.0.1:$((P+21))"
 E2
 cat > $D/client.toml <<E2
 [client]
-server_addr = "127.0.0.1:47000"
+server_addr = "127.0.0.1:$((P))"
 name = "perf"
 token = "0123456789abcdef0123456789abcdef"
 transport = "tcp"
 [client.tuning]
 $(echo -e "$EXTRA\n$CX")
 [client.services.echo]
-local_addr = "127.0.0.1:47002"
+local_addr = "127.0.0.1:$((P+2))"
 [client.services.sink]
-local_addr = "127.0.0.1:47012"
+local_addr = "127.0.0.1:$((P+12))"
 [client.services.http]
-local_addr = "127.0.0.1:47022"
+local_addr = "127.0.0.1:$((P+22))"
 E2
-$SID $W/warren-load -q echo --listen 127.0.0.1:47002 > $D/sink.log 2>&1 & SINK=$!
-if [ -n "$ALL3" ]; then $W/warren-load -q sink --listen 127.0.0.1:47012 > /dev/null 2>&1 & S2=$!; $W/warren-load -q http --listen 127.0.0.1:47022 > /dev/null 2>&1 & S3=$!; fi
+$SID $W/warren-load -q echo --listen 127.0.0.1:$((P+2)) > $D/sink.log 2>&1 & SINK=$!
+if [ -n "$ALL3" ]; then $W/warren-load -q sink --listen 127.0.0.1:$((P+12)) > /dev/null 2>&1 & S2=$!; $W/warren-load -q http --listen 127.0.0.1:$((P+22)) > /dev/null 2>&1 & S3=$!; fi
 $SID env $SENV $W/warren server -c $D/server.toml --backend ${BACKEND:-uring} > $D/server.log 2>&1 & SRV=$!
 sleep 0.5
 $SID env $CENV $W/warren client -c $D/client.toml --backend ${BACKEND:-uring} > $D/client.log 2>&1 & CLI=$!
 sleep 1.5
-if [ -n "$ALL3" ]; then python3 "$(dirname "$0")/probe3.py"; fi
+if [ -n "$ALL3" ]; then python3 "$(dirname "$0")/probe3.py" $P; fi
 if [ -n "$PSTAT" ]; then
   ( sleep 2; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $SRV -o $D/srv.stat -- sleep 1; perf stat -x, -e "syscalls:sys_enter_*" -e context-switches -p $CLI -o $D/cli.stat -- sleep 1 ) & SP=$!
 fi
@@ -70,11 +72,11 @@ if [ -n "$SCHED" ]; then
   ( sleep ${SCHED_AT:-2}; perf sched record -o $D/sched.data -- sleep ${SCHED_SECS:-1} > /dev/null 2>&1 ) & SP=$!
 fi
 if [ "$LOAD" = connrate ]; then
-  $W/warren-load -q connrate --target 127.0.0.1:47001 --total ${TOTAL:-20000} --concurrency 16 > $D/rr.json
-  python3 -c "import json;j=json.load(open('$D/rr.json'));print('connrate', round(j['rps']), 'p50', j['latency_us'].get('p50'))"
+  $W/warren-load -q connrate --target 127.0.0.1:$((P+1)) --total ${TOTAL:-20000} --concurrency 16 > $D/rr.json
+  python3 -c "import json;j=json.load(open('$D/rr.json'));print('connrate', round(j['rps']), 'p50', (j['latency_us'] or {}).get('p50'), 'errors', j.get('errors'))" || true
 else
-  if [ -n "$PRE_BULK" ]; then $W/warren-load -q bulk --target 127.0.0.1:47011 --streams 10 --bytes 100MiB --direction up > /dev/null; fi
-  ${LGCPU:+taskset -c $LGCPU} $W/warren-load -q rr --target 127.0.0.1:47001 --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
+  if [ -n "$PRE_BULK" ]; then $W/warren-load -q bulk --target 127.0.0.1:$((P+11)) --streams 10 --bytes 100MiB --direction up > /dev/null; fi
+  ${LGCPU:+taskset -c $LGCPU} $W/warren-load -q rr --target 127.0.0.1:$((P+1)) --size 64 --connections 1 --duration-ms ${MS:-4000} --warmup-ms ${WARM:-500} > $D/rr.json
   python3 -c "import json;j=json.load(open('$D/rr.json'));l=j['latency_us'];print('rr-1 p50',l.get('p50'),'p99',l.get('p99'),'rps',round(j['rps']))"
 fi
 [ -n "$SP" ] && wait $SP
